@@ -7,4 +7,3 @@ import os
 
 os.environ["COURSE_QUICK"] = "1"
 os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
-os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")

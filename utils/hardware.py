@@ -107,7 +107,7 @@ _GPUS = {
         name="A100-SXM-80GB", vendor="NVIDIA", architecture="Ampere",
         peak_flops={"fp64": 19.5 * TFLOPS, "fp32": 19.5 * TFLOPS, "tf32": 156 * TFLOPS,
                     "bf16": 312 * TFLOPS, "fp16": 312 * TFLOPS, "int8": 624 * TFLOPS},
-        memory_bytes=80 * GiB, memory_type="HBM2e", memory_bandwidth=2.039 * TB,
+        memory_bytes=80 * GiB, memory_type="HBM2e", memory_bandwidth=2039 * GB,
         l2_bytes=40 * MiB, tdp_watts=400, compute_units=108, compute_unit_kind="SM",
         link_name="NVLink 3 (12 links)", link_bandwidth=300 * GB,
         source=("NVIDIA A100 Tensor Core GPU datasheet (2021), A100 80GB SXM column: "
@@ -120,7 +120,7 @@ _GPUS = {
         name="A100-SXM-40GB", vendor="NVIDIA", architecture="Ampere",
         peak_flops={"fp64": 19.5 * TFLOPS, "fp32": 19.5 * TFLOPS, "tf32": 156 * TFLOPS,
                     "bf16": 312 * TFLOPS, "fp16": 312 * TFLOPS, "int8": 624 * TFLOPS},
-        memory_bytes=40 * GiB, memory_type="HBM2", memory_bandwidth=1.555 * TB,
+        memory_bytes=40 * GiB, memory_type="HBM2", memory_bandwidth=1555 * GB,
         l2_bytes=40 * MiB, tdp_watts=400, compute_units=108, compute_unit_kind="SM",
         link_name="NVLink 3 (12 links)", link_bandwidth=300 * GB,
         source=("NVIDIA A100 Tensor Core GPU datasheet (2021), A100 40GB SXM column: "

@@ -1,0 +1,112 @@
+"""The hardware registry against its datasheets, and its interface."""
+import re
+
+import pytest
+
+from utils import hardware as hw
+
+REQUIRED = ["H100-SXM", "H200", "A100-SXM-80GB", "A100-SXM-40GB", "L4", "MI300X", "B200",
+            "RTX-4090"]
+
+# Figures as the datasheets print them: NVIDIA prints the 2:4 sparsity figure for
+# tensor cores, so the dense figure in the registry must be half of it.
+SPARSE_DATASHEET_TFLOPS = {
+    ("H100-SXM", "bf16"): 1979, ("H100-SXM", "fp8"): 3958, ("H100-SXM", "tf32"): 989,
+    ("H200", "fp8"): 3958,
+    ("A100-SXM-80GB", "bf16"): 624, ("A100-SXM-80GB", "tf32"): 312,
+    ("A100-SXM-80GB", "int8"): 1248,
+    ("L4", "fp16"): 242, ("L4", "fp8"): 485, ("L4", "tf32"): 120,
+    ("B200", "bf16"): 4500, ("B200", "fp8"): 9000,
+    ("MI300X", "fp16"): 2614.9, ("MI300X", "fp8"): 5229.8,
+}
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_every_required_gpu_is_complete(name):
+    s = hw.get(name)
+    assert s.name == name
+    for dtype in ("fp32", "bf16", "fp16"):
+        assert s.peak_flops[dtype] > 1e12
+    assert s.memory_bytes >= 24 * 2**30
+    assert s.memory_bandwidth >= 300e9
+    assert s.tdp_watts > 0 and s.compute_units > 0 and s.link_bandwidth > 0
+    assert s.l2_bytes is None or s.l2_bytes >= 32 * 2**20
+    assert re.search(r"(19|20)\d\d", s.source), "source must carry a date"
+
+
+@pytest.mark.parametrize("key,sparse", sorted(SPARSE_DATASHEET_TFLOPS.items()))
+def test_dense_figures_are_half_the_sparse_datasheet_figure(key, sparse):
+    name, dtype = key
+    assert hw.get(name).peak_flops[dtype] == pytest.approx(sparse * 1e12 / 2, rel=2e-3)
+
+
+def test_memory_and_bandwidth_from_datasheets():
+    # capacities are binary: five 16 GiB HBM3 stacks on H100, eight 24 GiB on MI300X
+    assert hw.get("H100-SXM").memory_bytes == 5 * 16 * 2**30
+    assert hw.get("MI300X").memory_bytes == 8 * 24 * 2**30
+    assert hw.get("H100-SXM").memory_bandwidth == 3.35e12
+    assert hw.get("H200").memory_bandwidth == 4.8e12
+    assert hw.get("A100-SXM-80GB").memory_bandwidth == 2.039e12
+    assert hw.get("A100-SXM-40GB").memory_bandwidth == 1.555e12
+    # GDDR6X: 384-bit bus x 21 Gbit/s per pin / 8 bits per byte
+    assert hw.get("RTX-4090").memory_bandwidth == pytest.approx(384 * 21e9 / 8)
+    assert hw.get("B200").memory_bandwidth == 8e12
+
+
+def test_nvlink_is_stored_per_direction():
+    # NVIDIA quotes the bidirectional total: 900 GB/s on H100, 600 on A100, 1.8 TB/s on B200
+    assert hw.get("H100-SXM").link_bandwidth * 2 == 900e9
+    assert hw.get("A100-SXM-80GB").link_bandwidth * 2 == 600e9
+    assert hw.get("B200").link_bandwidth * 2 == 1.8e12
+    assert hw.link("NVLink 4").bandwidth == hw.get("H100-SXM").link_bandwidth
+
+
+def test_links():
+    # PCIe Gen4: 16 GT/s x 16 lanes x 128/130 / 8 = 31.5 GB/s per direction
+    assert hw.link("PCIe Gen4 x16").bandwidth == pytest.approx(31.5e9, rel=1e-3)
+    assert hw.link("PCIe Gen5 x16").bandwidth == pytest.approx(63.0e9, rel=1e-3)
+    assert hw.link("PCIe Gen3 x16").bandwidth == pytest.approx(15.75e9, rel=1e-3)
+    assert hw.link("InfiniBand NDR").bandwidth == 50e9
+    assert hw.link("InfiniBand HDR").bandwidth == 25e9
+    assert hw.link("InfiniBand XDR").bandwidth == 100e9
+    assert hw.link("Ethernet 400G").bandwidth == 50e9
+    for spec in hw.LINKS.values():
+        assert spec.source
+
+
+def test_ridge_point():
+    h100 = hw.get("H100-SXM")
+    assert hw.ridge_point(h100, "bf16") == pytest.approx(989.5e12 / 3.35e12)
+    assert hw.ridge_point("A100-SXM-80GB", "fp16") == pytest.approx(312e12 / 2.039e12)
+    # more bandwidth, same compute: H200's ridge is lower than H100's
+    assert hw.ridge_point("H200", "bf16") < hw.ridge_point("H100-SXM", "bf16")
+
+
+def test_unknown_names_list_the_known_ones():
+    with pytest.raises(KeyError, match="H100-SXM.*MI300X"):
+        hw.get("H900")
+    with pytest.raises(KeyError, match="PCIe Gen4 x16"):
+        hw.link("PCIe Gen9")
+    with pytest.raises(TypeError, match="string"):
+        hw.get(100)
+    with pytest.raises(KeyError, match="no published dense peak.*fp8"):
+        hw.ridge_point("A100-SXM-80GB", "fp8")
+
+
+def test_lookup_is_forgiving_about_case_and_aliases():
+    assert hw.get("h100-sxm") is hw.get("H100-SXM")
+    assert hw.get("H100") is hw.get("H100-SXM")
+
+
+def test_registry_is_read_only():
+    with pytest.raises(TypeError):
+        hw.get("H100-SXM").peak_flops["bf16"] = 1.0
+    with pytest.raises(Exception):
+        hw.get("H100-SXM").memory_bytes = 1
+
+
+def test_attainable_flops():
+    assert hw.attainable_flops(1.0, 100.0, 10.0) == 10.0
+    assert hw.attainable_flops(1e6, 100.0, 10.0) == 100.0
+    with pytest.raises(ValueError, match="intensity"):
+        hw.attainable_flops(-1, 100.0, 10.0)
