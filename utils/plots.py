@@ -122,5 +122,5 @@ def roofline(roofs: Iterable[Roof], kernels: Iterable[KernelPoint] = (), ax=None
     ax.set_xlabel("arithmetic intensity (FLOP/byte)")
     ax.set_ylabel("attainable FLOP/s")
     ax.set_title(title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left")
     return ax
