@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import random
 
-from . import hardware, models
+from . import hardware, memory, models, roofline
 
-__all__ = ["hardware", "models", "device", "seed_everything"]
+__all__ = ["hardware", "memory", "models", "roofline", "device", "seed_everything"]
 
 
 def device():
