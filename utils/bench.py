@@ -130,10 +130,13 @@ def stream_bandwidth(kind: str = "triad", n_bytes: Optional[int] = None, device=
     kind  operation            bytes counted per element (as STREAM counts them)
     copy  b = a                8   (read a, write b)
     triad a = b + s * c        12  (read b and c, write a)
+    read  sum(a)               4   (read a; not in STREAM, which always writes)
     Default arrays are 128 MiB (32 MiB quick), far larger than any CPU cache.
+    Kernels that mostly read (GEMV, reductions) can beat copy and triad, whose
+    writes cost extra on most memory systems; ``read`` is their roof.
     """
-    if kind not in ("copy", "triad"):
-        raise ValueError(f"kind must be 'copy' or 'triad', got {kind!r}")
+    if kind not in ("copy", "triad", "read"):
+        raise ValueError(f"kind must be 'copy', 'triad' or 'read', got {kind!r}")
     if n_bytes is None:
         n_bytes = (32 if quick() else 128) * 2**20
     if not isinstance(n_bytes, int) or n_bytes < 4:
@@ -146,18 +149,21 @@ def stream_bandwidth(kind: str = "triad", n_bytes: Optional[int] = None, device=
     if kind == "copy":
         t = time_fn(b.copy_, a)
         return 8 * n / t.median
+    if kind == "read":
+        t = time_fn(torch.sum, a)
+        return 4 * n / t.median
     t = time_fn(torch.add, b, c, alpha=3.0, out=a)
     return 12 * n / t.median
 
 
 def peak_bandwidth(device=None) -> float:
-    """This machine's main-memory bandwidth (best of copy and triad), cached."""
+    """This machine's main-memory bandwidth (best of copy, triad and read), cached."""
     dev = _device(device)
     key = ("bw", str(dev), quick())
     if key not in _CACHE:
-        with _progress(2, "STREAM copy/triad") as bar:
+        with _progress(3, "STREAM copy/triad/read") as bar:
             best = 0.0
-            for kind in ("copy", "triad"):
+            for kind in ("copy", "triad", "read"):
                 best = max(best, stream_bandwidth(kind, device=dev))
                 bar.update()
         _CACHE[key] = best

@@ -108,20 +108,31 @@ def attainable(fn):
 
 @exercise
 def measure_roof(fn):
-    """``fn()`` -> (peak FLOP/s, bandwidth B/s) measured by the learner's own code."""
-    got = fn()
-    peak, bw = _pair(got, "measure_roof()")
-    ref_peak, ref_bw = bench.peak_flops("fp32"), bench.peak_bandwidth()
-    for value, ref, what, hint in [
-        (peak, ref_peak, "peak FLOP/s", "time a large square fp32 matmul; FLOPs = 2 n^3"),
-        (bw, ref_bw, "bandwidth", "STREAM triad a = b + s*c counts 12 bytes per fp32 element; "
-                                  "use arrays far larger than the last-level cache")]:
-        if not 0.33 * ref <= value <= 1.5 * ref:
-            fail(f"measure_roof(): {what}",
-                 f"within 0.33x–1.5x of utils.bench's {ref:.3g} on this machine",
-                 f"{value:.3g} ({value / ref:.2f}x)", hint)
-    return (f"peak {peak / 1e9:.1f} GFLOP/s ({peak / ref_peak:.0%} of utils.bench), "
-            f"bandwidth {bw / 1e9:.1f} GB/s ({bw / ref_bw:.0%})")
+    """``fn()`` -> (peak FLOP/s, bandwidth B/s) measured by the learner's own code.
+
+    Measurements on a shared machine are noisy, so the learner's numbers and the
+    reference are taken back to back, up to three times; one agreeing pair passes.
+    """
+    for attempt in range(3):
+        peak, bw = _pair(fn(), "measure_roof()")
+        bench.clear_cache()
+        ref_peak, ref_bw = bench.peak_flops("fp32"), bench.peak_bandwidth()
+        problems = [
+            (what, value, ref, hint)
+            for value, ref, what, hint in [
+                (peak, ref_peak, "peak FLOP/s", "time a large square fp32 matmul; FLOPs = 2 n^3"),
+                (bw, ref_bw, "bandwidth", "take the best of a STREAM triad a = b + s*c (12 bytes "
+                                          "per fp32 element) and a read-only sum (4 bytes per "
+                                          "element), on arrays far larger than the last-level "
+                                          "cache")]
+            if not 0.33 * ref <= value <= 1.5 * ref]
+        if not problems:
+            return (f"peak {peak / 1e9:.1f} GFLOP/s ({peak / ref_peak:.0%} of utils.bench), "
+                    f"bandwidth {bw / 1e9:.1f} GB/s ({bw / ref_bw:.0%})")
+    what, value, ref, hint = problems[0]
+    fail(f"measure_roof(): {what} is implausible for this machine",
+         f"within 0.33x–1.5x of utils.bench's {ref:.3g} on this machine",
+         f"{value:.3g} ({value / ref:.2f}x), in 3 attempts", hint)
 
 
 @exercise
@@ -136,7 +147,8 @@ def under_the_roof(results, peak, bandwidth):
         intensity, achieved = _pair(tuple(pair), f"results[{name!r}]")
         roof = min(peak, intensity * bandwidth)
         if achieved > 1.10 * roof:
-            fail(f"kernel {name!r}", f"at most 10% above its roof {roof:.3g} FLOP/s",
+            fail(f"kernel {name!r} is more than 10% above the roof",
+                 f"at most 10% above its roof {roof:.3g} FLOP/s",
                  f"{achieved:.3g} FLOP/s ({achieved / roof:.0%} of the roof)",
                  "a point above the roof means a miscount: too few FLOPs claimed? bytes "
                  "overcounted? or the working set fits in cache (use bigger arrays)")

@@ -1,0 +1,200 @@
+"""The exercise-checker framework (utils.checks), through its example module."""
+from __future__ import annotations
+
+import json
+import traceback
+
+import numpy as np
+import pytest
+import torch
+
+import utils.checks
+from utils.checks import (ExerciseFailed, NotAttempted, exercise, expect_close, expect_dtype,
+                          expect_equal, expect_shape, expect_type)
+from utils.checks import _example as check
+
+
+def right_softmax(x):
+    z = x - x.amax(-1, keepdim=True)
+    return z.exp() / z.exp().sum(-1, keepdim=True)
+
+
+def three_parts(err: ExerciseFailed, exercise_name: str) -> str:
+    """The message names the exercise and has expected / got / hint, in that order."""
+    msg = str(err)
+    assert msg.startswith(f"exercise {exercise_name}: ")
+    positions = [msg.find(f"\n  {part}:") for part in ("expected", "got", "hint")]
+    assert -1 not in positions and positions == sorted(positions), msg
+    return msg
+
+
+def test_right_answers_pass_with_one_line_each(capsys):
+    check.count_flops_matmul(lambda m, n, k: 2 * m * n * k)
+    check.transfer_time(lambda nbytes, bandwidth: nbytes / bandwidth)
+    assert check.softmax(right_softmax) is None          # nothing shown as Out[]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("✔ count_flops_matmul: passed — ")
+    assert lines[2] == "✔ softmax: passed — matches torch.softmax on 3 inputs, including large logits"
+
+
+def test_wrong_value():
+    with pytest.raises(ExerciseFailed) as e:
+        check.count_flops_matmul(lambda m, n, k: m * n * k)
+    msg = three_parts(e.value, "count_flops_matmul")
+    assert "count_flops_matmul(1, 1, 1) is wrong" in msg
+    assert "expected: 2 (int)" in msg and "got:      1 (int)" in msg
+    assert "k multiplies and k adds" in msg                     # the checker's hint
+
+
+def test_float_instead_of_int_and_none():
+    with pytest.raises(ExerciseFailed) as e:
+        check.count_flops_matmul(lambda m, n, k: 2.0 * m * n * k)
+    msg = three_parts(e.value, "count_flops_matmul")
+    assert "wrong type" in msg and "an int" in msg and "2.0 (float)" in msg and "//" in msg
+    with pytest.raises(ExerciseFailed, match="return` statement missing"):
+        check.count_flops_matmul(lambda m, n, k: None)
+
+
+def test_wrong_values_naive_softmax_overflows():
+    def naive(x):
+        return x.exp() / x.exp().sum(-1, keepdim=True)
+    with pytest.raises(ExerciseFailed) as e:
+        check.softmax(naive)
+    msg = three_parts(e.value, "softmax")
+    assert "large values has wrong values" in msg and "NaN" in msg and "maximum" in msg
+
+
+def test_wrong_shape_dtype_and_type():
+    with pytest.raises(ExerciseFailed) as e:
+        check.softmax(lambda x: right_softmax(x).transpose(0, -1))
+    msg = three_parts(e.value, "softmax")
+    assert "wrong shape" in msg and "shape (4, 8)" in msg and "shape (8, 4)" in msg
+    with pytest.raises(ExerciseFailed) as e:
+        check.softmax(lambda x: right_softmax(x).float())
+    msg = three_parts(e.value, "softmax")
+    assert "wrong dtype" in msg and "torch.float64" in msg and "torch.float32" in msg
+    with pytest.raises(ExerciseFailed) as e:
+        check.softmax(lambda x: right_softmax(x).tolist())
+    msg = three_parts(e.value, "softmax")
+    assert "wrong type" in msg and "a torch.Tensor" in msg and "a list of 4 items" in msg
+    with pytest.raises(ExerciseFailed, match=r"\.item\(\)"):
+        check.transfer_time(lambda nbytes, bandwidth: torch.tensor(nbytes / bandwidth))
+
+
+def test_learner_exception_is_explained_with_the_learners_lines():
+    def helper(nbytes):
+        return nbytes / 0
+
+    def transfer_time(nbytes, bandwidth):
+        return helper(nbytes) / bandwidth
+
+    with pytest.raises(ExerciseFailed) as e:
+        check.transfer_time(transfer_time)
+    msg = three_parts(e.value, "transfer_time")
+    assert "your code raised ZeroDivisionError" in msg
+    assert "in transfer_time" in msg and "in helper" in msg and "return nbytes / 0" in msg
+    assert "_example.py" not in msg and "__init__.py" not in msg  # no checker internals
+    # a short traceback: the caller and the decorator, no chained exception
+    assert e.value.__suppress_context__ and e.value.__cause__ is None
+    assert len(traceback.extract_tb(e.value.__traceback__)) <= 2
+
+
+def test_checker_breaking_on_the_result_is_explained():
+    # a checker that uses a learner's result without the expect_* helpers first
+    namespace = {}
+    source = "def add_one(fn):\n    return fn() + 1\n"
+    exec(compile(source, utils.checks.__file__, "exec"), namespace)  # "lives" in utils/checks
+    add_one = exercise(namespace["add_one"])
+    add_one(lambda: 1)
+    with pytest.raises(ExerciseFailed) as e:
+        add_one(lambda: "text")
+    msg = three_parts(e.value, "add_one")
+    assert "checking your answer raised TypeError" in msg and "unexpected kind" in msg
+
+
+def test_stub_is_not_attempted():
+    def stub(x):
+        raise NotImplementedError("replace this line with your code")
+    with pytest.raises(NotImplementedError) as e:
+        check.softmax(stub)
+    assert isinstance(e.value, NotAttempted)
+    assert str(e.value) == "exercise softmax: not attempted yet — fill in the stub above"
+    assert e.value.__suppress_context__
+
+
+def test_recording(tmp_path, monkeypatch):
+    report = tmp_path / "outcomes.jsonl"
+    monkeypatch.setenv("COURSE_GRADE_REPORT", str(report))
+    check.transfer_time(lambda nbytes, bandwidth: nbytes / bandwidth)
+    with pytest.raises(ExerciseFailed):
+        check.count_flops_matmul(lambda m, n, k: 0)
+    with pytest.raises(NotImplementedError):
+        check.softmax(lambda x: (_ for _ in ()).throw(NotImplementedError()))
+    records = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [(r["exercise"], r["status"]) for r in records] == [
+        ("transfer_time", "passed"), ("count_flops_matmul", "failed"), ("softmax", "not_attempted")]
+    assert all(set(r) == {"exercise", "status", "message"} for r in records)
+    assert records[0]["message"].startswith("✔ transfer_time: passed")
+    assert "expected:" in records[1]["message"] and "hint:" in records[1]["message"]
+    monkeypatch.delenv("COURSE_GRADE_REPORT")
+    check.transfer_time(lambda nbytes, bandwidth: nbytes / bandwidth)
+    assert len(report.read_text().splitlines()) == 3
+
+
+def test_decorator_name_must_match():
+    with pytest.raises(ValueError, match="must match"):
+        @exercise("other_name")
+        def softmax(fn):
+            pass
+
+
+# ---------------------------------------------------------------- helpers on their own
+
+def failure(fn, *args, **kwargs) -> str:
+    with pytest.raises(ExerciseFailed) as e:
+        fn(*args, **kwargs)
+    msg = str(e.value)
+    assert "expected:" in msg and "got:" in msg, msg
+    return msg
+
+
+def test_expect_close():
+    assert expect_close(1, 1.0) == 1                      # an int is a fine float
+    assert "wrong type" in failure(expect_close, None, 1.0)
+    assert "'1' (str)" in failure(expect_close, "1", 1.0)
+    assert "not a finite number" in failure(expect_close, float("nan"), 1.0)
+    assert "what[1] is wrong" in failure(expect_close, [1.0, 2.1], [1.0, 2.0], what="what")
+    msg = failure(expect_close, torch.tensor([1.0, float("inf")]), torch.tensor([1.0, 2.0]))
+    assert "1 of 2 elements differ" in msg and "inf" in msg and "index (1,)" in msg
+    assert "a NumPy array" in failure(expect_close, np.ones(2), torch.ones(2))
+    assert "a torch.Tensor" in failure(expect_close, [1.0, 1.0], torch.ones(2))
+    expect_close(np.array([1.0]), np.array([1.0 + 1e-9]))
+    expect_close(torch.ones(2, dtype=torch.float16), torch.ones(2))   # dtype is not compared
+
+
+def test_expect_equal():
+    assert "an int" in failure(expect_equal, 3.0, 3)
+    assert "an int" in failure(expect_equal, True, 1)                 # a bool is not a count
+    expect_equal(np.int64(3), 3)
+    expect_equal((1, 2), [1, 2])
+    assert "[1] has the wrong type" in failure(expect_equal, [1, 2.0], [1, 2])
+    assert "wrong length" in failure(expect_equal, [1, 2, 3], [1, 2])
+    assert "missing 'b'" in failure(expect_equal, {"a": 1}, {"a": 1, "b": 2})
+    assert "wrong dtype" in failure(expect_equal, torch.zeros(3, dtype=torch.int64), torch.zeros(3))
+    assert "2 of 3 elements differ" in failure(expect_equal, torch.tensor([1, 5, 6]),
+                                               torch.tensor([1, 2, 3]))
+    expect_equal(torch.tensor([float("nan")]), torch.tensor([float("nan")]))
+    expect_equal([torch.ones(2)], [torch.ones(2)])
+
+
+def test_expect_shape_dtype_type():
+    expect_shape(torch.zeros(2, 3), (None, 3))
+    assert "shape (any, 4)" in failure(expect_shape, torch.zeros(2, 3), (None, 4))
+    assert "number of dimensions" in failure(expect_shape, torch.zeros(2), (2, 1))
+    assert "wrong type" in failure(expect_shape, [[0.0]], (1, 1))
+    expect_dtype(np.zeros(2, dtype=np.float32), np.float32)
+    assert "wrong type" in failure(expect_dtype, None, torch.float32)
+    expect_type(np.float32(1.0), float)
+    assert "a tuple" in failure(expect_type, [1, 2], tuple)
+    assert "trailing comma" in failure(expect_type, (3,), int)
