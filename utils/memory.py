@@ -692,3 +692,31 @@ def min_gpus(model: ModelLike, gpu, workload: str = "inference", *, seq_len: int
             n += 1
         return n
     raise ValueError(f"unknown workload {workload!r}; choose 'inference' or 'training'")
+
+
+# ---------------------------------------------------------------------------------------
+# Published numbers that the calculator reproduces (chapter 11 and its lab print them next
+# to what the calculator gives). Stored as the papers print them, with their inputs.
+# ---------------------------------------------------------------------------------------
+def _frozen(**kw):
+    from types import MappingProxyType
+    return MappingProxyType(kw)
+
+
+PUBLISHED = _frozen(
+    # Model-state bytes per device for Psi = 7.5B, Nd = 64, K = 12: baseline data
+    # parallelism, then P_os, P_os+g, P_os+g+p (stages 0..3), in GB.
+    zero_figure1=_frozen(params=7_500_000_000, dp=64, k=12, gb=(120, 31.4, 16.6, 1.9),
+                         source="Rajbhandari et al. 2020 (ZeRO), Figure 1"),
+    # GPT-2 with 1.5B parameters trained with mixed-precision Adam needs at least 24 GB.
+    zero_gpt2=_frozen(params=1_500_000_000, gb=24,
+                      source="Rajbhandari et al. 2020 (ZeRO), Section 3.1"),
+    # Sequence parallelism with selective recomputation "reduces activation memory by 5x".
+    korthikanti_reduction=_frozen(factor=5,
+                                  source="Korthikanti et al. 2022, arXiv:2205.05198, abstract"),
+    # OPT-13B: "the KV cache of a single token demands 800 KB" (2 x 5120 x 40 x 2 bytes)
+    # and a 2048-token request "can be as much as 1.6 GB".
+    vllm_opt13b_kv=_frozen(model="opt-13b", kb_per_token=800, tokens=2048, gb_per_request=1.6,
+                           source="Kwon et al. 2023 (vLLM, SOSP 2023), Section 3"),
+)
+__all__ += ["PUBLISHED"]
