@@ -131,14 +131,14 @@ def stream_bandwidth(kind: str = "triad", n_bytes: Optional[int] = None, device=
     copy  b = a                8   (read a, write b)
     triad a = b + s * c        12  (read b and c, write a)
     read  sum(a)               4   (read a; not in STREAM, which always writes)
-    Default arrays are 128 MiB (32 MiB quick), far larger than any CPU cache.
+    Default arrays are 128 MiB (64 MiB quick), larger than any CPU's last-level cache.
     Kernels that mostly read (GEMV, reductions) can beat copy and triad, whose
     writes cost extra on most memory systems; ``read`` is their roof.
     """
     if kind not in ("copy", "triad", "read"):
         raise ValueError(f"kind must be 'copy', 'triad' or 'read', got {kind!r}")
     if n_bytes is None:
-        n_bytes = (32 if quick() else 128) * 2**20
+        n_bytes = (64 if quick() else 128) * 2**20
     if not isinstance(n_bytes, int) or n_bytes < 4:
         raise ValueError(f"n_bytes must be an integer >= 4, got {n_bytes!r}")
     dev = _device(device)
