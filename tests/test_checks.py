@@ -198,3 +198,17 @@ def test_expect_shape_dtype_type():
     expect_type(np.float32(1.0), float)
     assert "a tuple" in failure(expect_type, [1, 2], tuple)
     assert "trailing comma" in failure(expect_type, (3,), int)
+
+
+def test_error_inside_a_decorated_learner_function_is_the_learners():
+    import torch
+
+    from utils.checks import ExerciseFailed
+    from utils.checks import _example
+
+    @torch.no_grad()
+    def broken(m, n, k):
+        return [][0]
+
+    with pytest.raises(ExerciseFailed, match="your code raised IndexError"):
+        _example.count_flops_matmul(broken)

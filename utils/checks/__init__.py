@@ -236,8 +236,9 @@ def _from_exception(name: str, err: BaseException) -> ExerciseFailed:
     headline = _clip(summary.splitlines()[0], 120)
     entries = [(frame, lineno) for frame, lineno in traceback.walk_tb(err.__traceback__)]
     outside = [(f, n) for f, n in entries if _kind(f.f_code.co_filename) != "checks"]
-    first_outside = _kind(outside[0][0].f_code.co_filename) if outside else None
-    if first_outside == "learner":
+    # The learner's code was running if any frame outside the checker is theirs, even
+    # when a library wrapper (a decorator such as @torch.no_grad()) sits in between.
+    if any(_kind(f.f_code.co_filename) == "learner" for f, _ in outside):
         lines = []
         for frame, lineno in outside[-6:]:
             code = frame.f_code
