@@ -53,6 +53,7 @@ __all__ = [
     "expect_dtype",
     "expect_type",
     "describe",
+    "expect_flops_bytes",
     "REPORT_ENV",
 ]
 
@@ -628,3 +629,17 @@ def expect_equal(got: Any, expected: Any, what: str = "the result", hint: str = 
     elif kind == "dtype":
         expect_dtype(got_item, expected_item.dtype, f"{what}{where}")
     raise ExerciseFailed(f"{what}{where} {_HEADLINES[kind]}", want, have, hint)
+
+
+def expect_flops_bytes(got: Any, what: str = "the result") -> tuple:
+    """Check that ``got`` is a ``(flops, bytes)`` pair of plain numbers; return it."""
+    __tracebackhide__ = True
+    expect_type(got, tuple, what, hint="return a tuple (flops, bytes)")
+    if len(got) != 2:
+        fail(what, "a tuple of two numbers (flops, bytes)", f"a tuple of length {len(got)}",
+             "return (flops, bytes)")
+    for part, name in zip(got, ("flops", "bytes")):
+        if isinstance(part, bool) or not isinstance(part, numbers.Real):
+            fail(what, f"{name} as a number", f"{type(part).__name__}: {part!r}",
+                 "return plain Python numbers, e.g. int(...)")
+    return got

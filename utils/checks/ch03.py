@@ -9,19 +9,7 @@ import numpy as np
 
 from .. import bench, models
 from .. import roofline as rl
-from . import exercise, expect_close, expect_equal, expect_type, fail
-
-
-def _pair(got, what):
-    expect_type(got, tuple, what, hint="return a tuple (flops, bytes)")
-    if len(got) != 2:
-        fail(what, "a tuple of two numbers (flops, bytes)", f"a tuple of length {len(got)}",
-             "return (flops, bytes)")
-    for part, name in zip(got, ("flops", "bytes")):
-        if isinstance(part, bool) or not isinstance(part, (int, float, np.integer, np.floating)):
-            fail(what, f"{name} as a number", f"{type(part).__name__}: {part!r}",
-                 "return plain Python numbers, e.g. int(...)")
-    return got
+from . import exercise, expect_flops_bytes as _pair, expect_close, expect_equal, expect_type, fail
 
 
 def _compare(got, cost, what, hint):

@@ -26,25 +26,13 @@ import torch
 from .. import bench, models
 from .. import inference_cost as ic
 from .. import tiny
-from . import exercise, expect_close, expect_type, fail
+from . import exercise, expect_flops_bytes as _pair, expect_close, expect_type, fail
 
 
 def _tiny_spec():
     cfg = tiny.TinyConfig(vocab=44, n_layers=4, d_model=128, n_heads=4, n_kv_heads=2, d_ff=384,
                           max_seq_len=256)     # the shipped tiny-target's shape
     return ic.as_spec(cfg)
-
-
-def _pair(got, what):
-    expect_type(got, tuple, what, hint="return a tuple (flops, bytes)")
-    if len(got) != 2:
-        fail(what, "a tuple of two numbers (flops, bytes)", f"a tuple of length {len(got)}",
-             "return (flops, bytes)")
-    for part, name in zip(got, ("flops", "bytes")):
-        if isinstance(part, bool) or not isinstance(part, (int, float, np.integer, np.floating)):
-            fail(what, f"{name} as a number", f"{type(part).__name__}: {part!r}",
-                 "return plain Python numbers, e.g. int(...)")
-    return float(got[0]), float(got[1])
 
 
 def _variants(m, batch, new, cached, s):
