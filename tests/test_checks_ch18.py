@@ -1,0 +1,143 @@
+"""Lab 18's checkers pass right answers and fail the mistakes a learner is likely to make.
+
+The right engines below are written the way the lab asks (real forward passes, one
+ContiguousKVCache per request); each wrong one carries one bug.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from utils import serving as sv
+from utils.checks import ExerciseFailed, NotAttempted
+from utils.checks import ch18 as check
+from utils.serving import Completion
+from utils.tiny import ContiguousKVCache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def engine(model, requests, max_batch, clock, token_budget=None, bug=None):
+    """Continuous batching as the lab specifies it, with an optional bug."""
+    out = {r.rid: Completion(r.rid, r.arrival) for r in requests}
+    waiting, running, caches, done = list(requests), [], {}, {}
+    while waiting or running:
+        if not running and waiting[0].arrival > clock.now:
+            clock.advance_to(waiting[0].arrival)
+        while waiting and waiting[0].arrival <= clock.now and len(running) < max_batch:
+            r = waiting.pop(0)
+            caches[r.rid] = ContiguousKVCache(model.config, max_len=r.prompt_len + r.max_new)
+            done[r.rid] = 0
+            running.append(r)
+        decoding = [r for r in running if out[r.rid].tokens]
+        prefilling = [r for r in running if not out[r.rid].tokens]
+        plan = sv.chunk_plan(len(decoding), [r.prompt_len - done[r.rid] for r in prefilling], token_budget)
+        chunks = [(r, n) for r, n in zip(prefilling, plan) if n > 0]
+        before = clock.now
+        new = []
+        with clock.iteration(decode=[r.rid for r in decoding], prefill=[(r.rid, n) for r, n in chunks]):
+            for r, n in chunks:
+                start = done[r.rid]
+                logits = model.prefill(torch.tensor(r.prompt[start:start + n])[None], caches[r.rid])
+                done[r.rid] += n
+                if done[r.rid] == r.prompt_len:
+                    new.append((r, int(logits[0, -1].argmax())))
+            if decoding:
+                last = [out[r.rid].tokens[-1] for r in decoding]
+                if bug == "first_request_token":
+                    last = [last[0]] * len(last)
+                nxt = model.decode_step(torch.tensor(last), [caches[r.rid] for r in decoding])
+                new += list(zip(decoding, nxt.argmax(-1).tolist()))
+        for r, tok in new:
+            out[r.rid].emit(tok, before if bug == "stamp_at_start" else clock.now)
+        running = [r for r in running if len(out[r.rid].tokens) < r.max_new]
+    return out
+
+
+def test_right_answers_pass(capsys):
+    check.summarize(sv.summarize)
+    check.next_batch(sv.next_batch)
+    check.chunk_plan(sv.chunk_plan)
+    check.goodput(sv.goodput)
+    check.serve_batched(sv.serve_batched)
+    check.serve_continuous(engine)
+    assert capsys.readouterr().out.count("passed") == 6
+
+
+def test_summarize_counting_one_token_requests_in_tpot_fails():
+    def wrong(comps):
+        s = sv.summarize(comps)
+        items = list(comps.values()) if isinstance(comps, dict) else list(comps)
+        tp = [(c.times[-1] - c.times[0]) / max(len(c.times) - 1, 1) for c in items]
+        s["tpot_p50"] = float(np.percentile(tp, 50))
+        return s
+    with pytest.raises(ExerciseFailed, match="tpot_p50"):
+        check.summarize(wrong)
+
+
+def test_summarize_rejecting_a_dict_fails():
+    with pytest.raises(ExerciseFailed):
+        check.summarize(lambda comps: sv.summarize(list(comps)))   # a dict iterates its keys
+
+
+def test_next_batch_ignoring_the_delay_fails():
+    with pytest.raises(ExerciseFailed, match="launch time"):
+        check.next_batch(lambda a, now, mb, d: sv.next_batch(a, now, mb, math.inf))
+
+
+def test_next_batch_ignoring_a_busy_server_fails():
+    def no_now(a, now, mb, d):
+        return sv.next_batch(a, 0.0, mb, d)
+    with pytest.raises(ExerciseFailed):
+        check.next_batch(no_now)
+
+
+def test_chunk_plan_without_decode_priority_fails():
+    with pytest.raises(ExerciseFailed, match="chunk_plan"):
+        check.chunk_plan(lambda n, rem, b: sv.chunk_plan(0, rem, b))
+
+
+def test_feeding_the_wrong_token_fails_on_tokens():
+    with pytest.raises(ExerciseFailed, match="tokens differ"):
+        check.serve_continuous(lambda *a, **k: engine(*a, **k, bug="first_request_token"))
+
+
+def test_stamping_before_the_iteration_fails_on_times():
+    with pytest.raises(ExerciseFailed, match="token times"):
+        check.serve_continuous(lambda *a, **k: engine(*a, **k, bug="stamp_at_start"))
+
+
+def test_continuous_engine_is_not_a_request_level_engine():
+    def batched(model, requests, max_batch, max_delay, clock):
+        return engine(model, requests, max_batch, clock)
+    with pytest.raises(ExerciseFailed, match="token times"):
+        check.serve_batched(batched)
+
+
+def test_goodput_not_stopping_at_the_first_miss_fails():
+    def max_over_all(res, t1, t2, goal=0.9):
+        ok = [r for r in res if sv.slo_attainment(res[r], t1, t2) >= goal]
+        return float(max(ok)) if ok else 0.0
+    with pytest.raises(ExerciseFailed, match="goodput"):
+        check.goodput(max_over_all)
+
+
+def test_goodput_with_strict_inequality_fails():
+    def strict(res, t1, t2, goal=0.9):
+        return sv.goodput(res, t1 - 1e-12, t2 - 1e-12, goal)
+    with pytest.raises(ExerciseFailed):
+        check.goodput(strict)
+
+
+def test_stub_is_not_attempted():
+    def stub(*args, **kwargs):
+        raise NotImplementedError
+    with pytest.raises(NotAttempted):
+        check.next_batch(stub)
