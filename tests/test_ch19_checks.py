@@ -14,12 +14,7 @@ from utils.checks import ch19 as check
 from utils.tiny import ContiguousKVCache
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # see tests/conftest.py
 
 
 # --- exercise 1 ----------------------------------------------------------------------------------

@@ -8,12 +8,7 @@ from utils.checks import ExerciseFailed, NotAttempted
 from utils.checks import ch16 as check
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # see tests/conftest.py
 
 
 def right_prefill(m, b, T, s):

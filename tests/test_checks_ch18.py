@@ -16,12 +16,7 @@ from utils.serving import Completion
 from utils.tiny import ContiguousKVCache
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # see tests/conftest.py
 
 
 def engine(model, requests, max_batch, clock, token_budget=None, bug=None):

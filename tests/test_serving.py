@@ -11,12 +11,7 @@ from utils import hardware, memory, models, serving as sv, tiny
 UNIT = sv.CostModel(decode_base=1.0, decode_per_seq=0.0, prefill_base=1.0, prefill_per_token=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # see tests/conftest.py
 
 
 def req(rid, arrival, prompt_len, max_new):

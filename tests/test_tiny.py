@@ -14,13 +14,7 @@ from utils.tiny import (CacheBatch, ContiguousKVCache, TinyConfig, TinyTransform
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small ops run faster on one thread, above all on a CPU shared with other work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # see tests/conftest.py
 
 
 @pytest.fixture(scope="module", params=tiny.MODEL_NAMES)
