@@ -63,13 +63,16 @@ def test_stub_is_not_attempted():
 
 
 def test_points_above_the_roof_fail():
-    ok = {k: (1.0, 5.0) for k in "abcde"}
-    check.under_the_roof(ok, peak=100.0, bandwidth=10.0)
-    bad = dict(ok, e=(1.0, 12.0))          # 20% above the memory roof of 10
-    with pytest.raises(ExerciseFailed, match="above its roof"):
-        check.under_the_roof(bad, peak=100.0, bandwidth=10.0)
+    from utils import bench
+    P, B = bench.peak_flops("fp32"), bench.peak_bandwidth()
+    roof = min(P, 1.0 * B)
+    ok = {k: (1.0, 0.5 * roof) for k in "abcde"}
+    check.under_the_roof(ok, peak=P, bandwidth=B)
+    bad = dict(ok, e=(1.0, 3.0 * roof))     # a factor-3 miscount: far above any roof
+    with pytest.raises(ExerciseFailed, match="above the roof"):
+        check.under_the_roof(bad, peak=P, bandwidth=B)
     with pytest.raises(ExerciseFailed, match="at least 5"):
-        check.under_the_roof({"a": (1.0, 1.0)}, 100.0, 10.0)
+        check.under_the_roof({"a": (1.0, 1.0)}, P, B)
 
 
 def test_measure_roof_rejects_implausible_numbers():

@@ -125,20 +125,31 @@ def measure_roof(fn):
 
 @exercise
 def under_the_roof(results, peak, bandwidth):
-    """``results``: {kernel: (intensity, achieved FLOP/s)}; each within 10% of the roof."""
+    """``results``: {kernel: (intensity, achieved FLOP/s)}; each within 10% of the roof.
+
+    A point above the learner's roof is held once more to a roof measured afresh by
+    ``utils.bench``: on a shared machine the learner's roof may have been measured in a
+    busy moment. A miscount (a factor of 2 or 3 in FLOPs or bytes) fails either way.
+    """
     expect_type(results, dict, "results", hint="a dict {name: (intensity, achieved)}")
     if len(results) < 5:
         fail("results", "at least 5 measured kernels", f"{len(results)}",
              "measure add, sum, softmax, layernorm, GEMV and two GEMMs")
-    worst = []
-    for name, pair in results.items():
-        intensity, achieved = _pair(tuple(pair), f"results[{name!r}]")
-        roof = min(peak, intensity * bandwidth)
-        if achieved > 1.10 * roof:
-            fail(f"kernel {name!r} is more than 10% above the roof",
-                 f"at most 10% above its roof {roof:.3g} FLOP/s",
-                 f"{achieved:.3g} FLOP/s ({achieved / roof:.0%} of the roof)",
-                 "a point above the roof means a miscount: too few FLOPs claimed? bytes "
-                 "overcounted? or the working set fits in cache (use bigger arrays)")
-        worst.append(achieved / roof)
-    return f"{len(results)} kernels at {min(worst):.0%}–{max(worst):.0%} of their roof"
+    pairs = {name: _pair(tuple(pair), f"results[{name!r}]") for name, pair in results.items()}
+
+    def over(p, b):
+        return {name: (a, min(p, i * b)) for name, (i, a) in pairs.items()
+                if a > 1.10 * min(p, i * b)}
+
+    above = over(peak, bandwidth)
+    if above:
+        bench.clear_cache()
+        above = over(max(peak, bench.peak_flops("fp32")), max(bandwidth, bench.peak_bandwidth()))
+    for name, (achieved, roof) in above.items():
+        fail(f"kernel {name!r} is more than 10% above the roof",
+             f"at most 10% above its roof {roof:.3g} FLOP/s",
+             f"{achieved:.3g} FLOP/s ({achieved / roof:.0%} of the roof)",
+             "a point above the roof means a miscount: too few FLOPs claimed? bytes "
+             "overcounted? or the working set fits in cache (use bigger arrays)")
+    ratios = [a / min(peak, i * bandwidth) for i, a in pairs.values()]
+    return f"{len(results)} kernels at {min(ratios):.0%}–{max(ratios):.0%} of their roof"
