@@ -10,6 +10,9 @@ from utils import memory
 from utils.checks import ExerciseFailed, NotAttempted
 from utils.checks import ch11 as check
 
+# Logic tests hold the checkers to the library reference; refusal: tests/test_library_answers.py
+pytestmark = pytest.mark.usefixtures("library_answers_allowed")
+
 pytest.importorskip("transformers")
 
 

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from utils.checks import ExerciseFailed, NotAttempted
 from utils.checks import ch13 as check
 
+# Logic tests hold the checkers to the library reference; refusal: tests/test_library_answers.py
+pytestmark = pytest.mark.usefixtures("library_answers_allowed")
+
 
 # ---------------------------------------------------------------------- exercise 1
 class Copy(torch.autograd.Function):

@@ -16,6 +16,9 @@ from utils import zero
 from utils.checks import ExerciseFailed, NotAttempted
 from utils.checks import ch14 as check
 
+# Logic tests hold the checkers to the library reference; refusal: tests/test_library_answers.py
+pytestmark = pytest.mark.usefixtures("library_answers_allowed")
+
 
 # -- exercises 1 and 2 ----------------------------------------------------------------------
 def shard_range(numel, world_size, rank):

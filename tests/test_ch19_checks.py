@@ -14,7 +14,7 @@ from utils.checks import ch19 as check
 from utils.tiny import ContiguousKVCache
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # see tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "library_answers_allowed")   # see tests/conftest.py
 
 
 # --- exercise 1 ----------------------------------------------------------------------------------

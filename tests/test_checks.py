@@ -1,6 +1,7 @@
 """The exercise-checker framework (utils.checks), through its example module."""
 from __future__ import annotations
 
+import inspect
 import json
 import traceback
 
@@ -119,7 +120,7 @@ def test_stub_is_not_attempted():
     with pytest.raises(NotImplementedError) as e:
         check.softmax(stub)
     assert isinstance(e.value, NotAttempted)
-    assert str(e.value) == "exercise softmax: not attempted yet — fill in the stub above"
+    assert str(e.value) == "exercise softmax: not attempted yet — `stub` is still a stub: fill it in"
     assert e.value.__suppress_context__
 
 
@@ -134,7 +135,7 @@ def test_recording(tmp_path, monkeypatch):
     records = [json.loads(line) for line in report.read_text().splitlines()]
     assert [(r["exercise"], r["status"]) for r in records] == [
         ("transfer_time", "passed"), ("count_flops_matmul", "failed"), ("softmax", "not_attempted")]
-    assert all(set(r) == {"exercise", "status", "message"} for r in records)
+    assert all(set(r) == {"exercise", "status", "message", "warnings"} for r in records)
     assert records[0]["message"].startswith("✔ transfer_time: passed")
     assert "expected:" in records[1]["message"] and "hint:" in records[1]["message"]
     monkeypatch.delenv("COURSE_GRADE_REPORT")
@@ -212,3 +213,132 @@ def test_error_inside_a_decorated_learner_function_is_the_learners():
 
     with pytest.raises(ExerciseFailed, match="your code raised IndexError"):
         _example.count_flops_matmul(broken)
+
+
+# ---------------------------------------------------------------- the library's own answer
+
+def test_library_answers_are_refused_in_every_form(tmp_path, monkeypatch):
+    import functools
+
+    import utils.paged_kv as pk
+    import utils.tiny as tiny
+    from utils.checks import LibraryAnswer, library_origin
+
+    report = tmp_path / "outcomes.jsonl"
+    monkeypatch.setenv("COURSE_GRADE_REPORT", str(report))
+
+    @exercise
+    def takes_anything(answer, *others):
+        return "accepted"
+
+    class Inherits(pk.BlockAllocator):        # every method is the library's
+        pass
+
+    def paged_attention(*args, **kwargs):     # a thin wrapper around the reference
+        return pk.paged_attention(*args, **kwargs)
+
+    for answer, origin in [(pk.BlockAllocator, "utils.paged_kv.BlockAllocator"),
+                           (pk.paged_attention, "utils.paged_kv.paged_attention"),
+                           (functools.partial(pk.paged_attention), "utils.paged_kv.paged_attention"),
+                           (Inherits, "utils.paged_kv.BlockAllocator"),
+                           (paged_attention, "utils.paged_kv.paged_attention")]:
+        with pytest.raises(LibraryAnswer) as e:
+            takes_anything(answer)
+        assert isinstance(e.value, ExerciseFailed)
+        assert origin in str(e.value) and "the course's reference" in str(e.value)
+        assert str(e.value).startswith("exercise takes_anything: ")
+    # also as a later argument (an earlier exercise's class swapped for the library's)
+    with pytest.raises(LibraryAnswer):
+        takes_anything(lambda: 1, pk.BlockAllocator)
+    statuses = [json.loads(line)["status"] for line in report.read_text().splitlines()]
+    assert statuses == ["library_answer"] * 6
+
+    # the learner's own code passes, including subclasses of the learner's own classes,
+    # subclasses of abstract library bases, data from the library, and torch functions
+    class Mine:
+        def allocate(self):
+            return 1
+
+    class MineToo(Mine):
+        pass
+
+    class Cache(tiny.KVCache):                # an abstract base meant to be subclassed
+        pass
+
+    def paged_attention_own(q):               # same idea, the learner's own body
+        return q
+
+    for answer in [Mine, MineToo, Cache, paged_attention_own, torch.softmax, 3,
+                   torch.zeros(2), lambda x: x]:
+        assert library_origin(answer) is None, answer
+    takes_anything(Mine, torch.zeros(2))
+
+
+def test_every_library_callable_that_a_lab_could_pass_is_refused():
+    """Each public function and concrete class of the chapter libraries is a library answer."""
+    import importlib
+    import pkgutil
+
+    import utils
+    from utils.checks import library_origin
+
+    seen = 0
+    for info in pkgutil.iter_modules(utils.__path__):
+        if info.name in ("checks", "grade", "labgen", "nbrun") or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"utils.{info.name}")
+        for name, value in vars(module).items():
+            if name.startswith("_") or getattr(value, "__module__", None) != module.__name__:
+                continue
+            if inspect.isfunction(value) or (inspect.isclass(value) and not inspect.isabstract(value)):
+                assert library_origin(value) is not None, f"utils.{info.name}.{name}"
+                seen += 1
+    assert seen > 50
+
+
+# ---------------------------------------------------------------- measurements warn
+
+def test_measurement_warning_passes_the_logic_and_reports_apart(tmp_path, monkeypatch, capsys):
+    from utils.checks import measurement_warning
+
+    report = tmp_path / "outcomes.jsonl"
+    monkeypatch.setenv("COURSE_GRADE_REPORT", str(report))
+
+    @exercise
+    def timed(fn, measured_s):
+        expect_equal(fn(2), 4, what="fn(2)")           # logic: exact
+        if measured_s > 1.0:                           # measurement: a warning
+            measurement_warning("the kernel took longer than the model", "about 1 s",
+                                f"{measured_s} s", "another process was busy")
+        return "logic right"
+
+    timed(lambda x: 2 * x, 0.5)
+    timed(lambda x: 2 * x, 3.0)
+    with pytest.raises(ExerciseFailed):
+        timed(lambda x: x, 3.0)                        # wrong logic still fails
+    out = capsys.readouterr().out
+    assert out.count("✔ timed: passed — logic right") == 2
+    assert "⚠ measurement: the kernel took longer than the model" in out
+    assert "3.0 s" in out and "another process was busy" in out
+    records = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [r["status"] for r in records] == ["passed", "measurement_warning", "failed"]
+    assert records[0]["warnings"] == [] and len(records[1]["warnings"]) == 1
+    assert records[2]["warnings"] == []                # a failure carries no stale warning
+    measurement_warning("outside a check", "x", "y")   # printed at once
+    assert "⚠ measurement: outside a check" in capsys.readouterr().out
+
+
+def test_not_attempted_names_the_stub_and_its_exercise():
+    class BlockAllocator:
+        def allocate(self):
+            raise NotImplementedError("exercise block_allocator: replace this line with your code")
+
+    @exercise
+    def later(cls):
+        cls().allocate()
+
+    with pytest.raises(NotAttempted) as e:
+        later(BlockAllocator)
+    msg = str(e.value)
+    assert msg.startswith("exercise later: not attempted yet — ")
+    assert "`BlockAllocator.allocate` (exercise block_allocator) is still a stub" in msg

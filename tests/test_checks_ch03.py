@@ -6,6 +6,9 @@ from utils import roofline as rl
 from utils.checks import ExerciseFailed, NotAttempted
 from utils.checks import ch03 as check
 
+# Logic tests hold the checkers to the library reference; refusal: tests/test_library_answers.py
+pytestmark = pytest.mark.usefixtures("library_answers_allowed")
+
 
 def right_vector(kind, n, s):
     c = rl.add(n, s) if kind == "add" else rl.reduce_sum(n, s)

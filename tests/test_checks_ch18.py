@@ -16,7 +16,7 @@ from utils.serving import Completion
 from utils.tiny import ContiguousKVCache
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # see tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "library_answers_allowed")   # see tests/conftest.py
 
 
 def engine(model, requests, max_batch, clock, token_budget=None, bug=None):

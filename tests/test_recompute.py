@@ -14,6 +14,9 @@ from utils import recompute as rc
 from utils.checks import ExerciseFailed
 from utils.checks import ch12
 
+# Logic tests hold the checkers to the library reference; refusal: tests/test_library_answers.py
+pytestmark = pytest.mark.usefixtures("library_answers_allowed")
+
 F32 = 4
 
 

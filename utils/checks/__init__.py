@@ -20,21 +20,32 @@ The decorator takes care of everything around the check:
 * the learner's code raises anything else → :class:`ExerciseFailed` that names the
   exception and shows the learner's own lines of the traceback, never the
   checker's internals;
-* success → exactly one printed line.
+* the answer is the course library's own code (a function or class defined in
+  ``utils/``, a class that inherits a concrete ``utils`` class, or a function that
+  just calls the ``utils`` function of the same name) → :class:`LibraryAnswer`: the
+  exercise asks for the learner's own;
+* a measurement of this machine disagrees with the model → the checker calls
+  :func:`measurement_warning`; the exercise still passes on its logic, and the
+  warning is printed (⚠) and reported apart from the score;
+* success → exactly one printed line (plus one ⚠ block per measurement warning).
 
 Every outcome is recorded: when the environment variable ``COURSE_GRADE_REPORT``
 names a file, one JSON line ``{"exercise", "status", "message"}`` is appended to it
-(``status`` is ``passed``, ``failed`` or ``not_attempted``). ``python -m utils.grade``
-sets it for the kernel it runs a learner's notebook in.
+(``status`` is one of :data:`STATUSES`), for a learner's own bookkeeping. The grader
+(``python -m utils.grade``) does not trust that file: it runs the official check
+cells itself and reads each outcome through :data:`_GRADER` (see ``utils.grade``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import json
 import linecache
 import math
 import numbers
 import os
+import re
 import reprlib
 import sys
 import sysconfig
@@ -44,7 +55,12 @@ from typing import Any, Callable
 
 __all__ = [
     "ExerciseFailed",
+    "LibraryAnswer",
     "NotAttempted",
+    "measurement_warning",
+    "library_origin",
+    "allow_library_answers",
+    "STATUSES",
     "exercise",
     "fail",
     "expect_close",
@@ -59,6 +75,15 @@ __all__ = [
 
 #: Environment variable naming the file that outcomes are appended to (JSON lines).
 REPORT_ENV = "COURSE_GRADE_REPORT"
+
+#: What a check can end as. ``measurement_warning``: the logic passed, a measurement of
+#: this machine disagreed with the model (it counts as passed in a score).
+STATUSES = ("passed", "measurement_warning", "failed", "library_answer", "not_attempted")
+
+#: Set by the grader in the kernel it runs: called with each outcome dict, in addition to
+#: the report file. A plain module attribute, replaced by a fresh copy of this module in
+#: the grader's own cells (see utils.grade), so a learner's rebinding does not reach it.
+_GRADER: Callable[[dict], None] | None = None
 
 _CHECKS_DIR = Path(__file__).resolve().parent
 _UTILS_DIR = _CHECKS_DIR.parent
@@ -99,6 +124,10 @@ class ExerciseFailed(AssertionError):
         return [f"\x1b[1;31m{type(self).__name__}\x1b[0m: {self}"]
 
 
+class LibraryAnswer(ExerciseFailed):
+    """The answer is the course library's reference implementation, not the learner's."""
+
+
 class NotAttempted(NotImplementedError):
     """The learner's function is still the stub (it raised ``NotImplementedError``)."""
 
@@ -124,12 +153,15 @@ def fail(what: str, expected: str, got: str, hint: str = "") -> None:
 
 # --------------------------------------------------------------------------- recording
 
-def _record(exercise_name: str, status: str, message: str) -> None:
+def _record(exercise_name: str, status: str, message: str, warnings: list | None = None) -> None:
+    outcome = {"exercise": exercise_name, "status": status, "message": message,
+               "warnings": list(warnings or [])}
+    if _GRADER is not None:
+        _GRADER(outcome)
     path = os.environ.get(REPORT_ENV)
     if not path:
         return
-    line = json.dumps({"exercise": exercise_name, "status": status, "message": message},
-                      ensure_ascii=False)
+    line = json.dumps(outcome, ensure_ascii=False)
     try:
         with open(path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
@@ -165,6 +197,20 @@ def _wrap(checker: Callable, name: str) -> Callable:
     @functools.wraps(checker)
     def run_check(*args: Any, **kwargs: Any) -> None:
         __tracebackhide__ = True
+        global _current_warnings
+        for value in list(args) + list(kwargs.values()):
+            origin = None if _ALLOW_LIBRARY else library_origin(value)
+            if origin is not None:
+                failure = LibraryAnswer(
+                    f"this is {origin}, the course's reference",
+                    "your own implementation, written in this notebook",
+                    f"{origin} (defined in the course library `utils`)",
+                    "the exercise asks for your own code: the library's version is there for "
+                    "the chapters, and the checker compares yours against an oracle")
+                failure.exercise = name
+                _record(name, "library_answer", str(failure))
+                raise failure
+        outer, _current_warnings = _current_warnings, []
         try:
             detail = checker(*args, **kwargs)
         except ExerciseFailed as err:
@@ -173,7 +219,7 @@ def _wrap(checker: Callable, name: str) -> Callable:
             raise err.with_traceback(None) from None
         except NotImplementedError as err:
             if _origin(err.__traceback__) == "learner":
-                message = f"exercise {name}: not attempted yet — fill in the stub above"
+                message = f"exercise {name}: not attempted yet — {_stub_text(err)}"
                 _record(name, "not_attempted", message)
                 raise NotAttempted(message) from None
             failure = _from_exception(name, err)
@@ -183,12 +229,189 @@ def _wrap(checker: Callable, name: str) -> Callable:
             failure = _from_exception(name, err)
             _record(name, "failed", str(failure))
             raise failure from None
+        finally:
+            warnings, _current_warnings = _current_warnings, outer
         line = f"✔ {name}: passed" + (f" — {detail}" if detail else "")
-        _record(name, "passed", line)
+        status = "measurement_warning" if warnings else "passed"
+        _record(name, status, line, warnings)
         print(line)
+        for warning in warnings:
+            print(warning)
 
     run_check.exercise_name = name
     return run_check
+
+
+# --------------------------------------------------------------------------- not attempted
+
+_STUB_EXERCISE = re.compile(r"exercise (\w+)")
+
+
+def _stub_text(err: NotImplementedError) -> str:
+    """Which stub raised: 'BlockAllocator.allocate (exercise block_allocator) is still a stub'.
+
+    The stub is the innermost learner frame; the exercise it belongs to is named in the
+    stub's message when ``utils.labgen`` made it (``exercise <name>: …``).
+    """
+    frames = [frame for frame, _ in traceback.walk_tb(err.__traceback__)
+              if _kind(frame.f_code.co_filename) == "learner"]
+    if not frames:
+        return "fill in the stub above"
+    code = frames[-1].f_code
+    where = getattr(code, "co_qualname", code.co_name).split("<locals>.")[-1]
+    found = _STUB_EXERCISE.search(str(err))
+    owner = f" (exercise {found.group(1)})" if found else ""
+    cell = _display_name(code.co_filename)
+    place = f", in {cell}" if cell.startswith("Cell") else ""
+    if where == "<module>":
+        return f"the stub{owner}{place} still raises NotImplementedError: fill it in"
+    return f"`{where}`{owner}{place} is still a stub: fill it in"
+
+
+# --------------------------------------------------------------------------- library answers
+
+def _in_library(code_file: str | None) -> bool:
+    if not code_file:
+        return False
+    try:
+        path = str(Path(code_file).resolve())
+    except (OSError, ValueError):
+        return False
+    return path.startswith(str(_UTILS_DIR) + os.sep)
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _function_of(obj: Any):
+    """The plain Python function behind a function, method, partial or static/class method."""
+    for _ in range(8):
+        if isinstance(obj, functools.partial):
+            obj = obj.func
+        elif isinstance(obj, (staticmethod, classmethod)) or inspect.ismethod(obj):
+            obj = obj.__func__
+        elif hasattr(obj, "__wrapped__") and not inspect.isclass(obj):
+            obj = obj.__wrapped__
+        else:
+            break
+    return obj if inspect.isfunction(obj) else None
+
+
+def _is_scaffold(cls: type) -> bool:
+    """A library base class meant to be subclassed (abstract, or marked so)."""
+    return inspect.isabstract(cls) or bool(cls.__dict__.get("__course_scaffold__", False))
+
+
+def _calls_own_name_in_library(fn) -> str | None:
+    """'utils.x.f' when ``fn`` (learner code) refers to a library callable named like itself."""
+    names: set[str] = set()
+    stack = [fn.__code__]
+    while stack:
+        code = stack.pop()
+        names.update(code.co_names)
+        stack.extend(c for c in code.co_consts if inspect.iscode(c))
+    own = fn.__name__
+    if own not in names:
+        return None
+    candidates = []
+    for value in list(fn.__globals__.values()) + [c.cell_contents for c in (fn.__closure__ or ())
+                                                  if _cell_filled(c)]:
+        if inspect.ismodule(value) and _in_library(getattr(value, "__file__", None)):
+            candidates.append(getattr(value, own, None))
+        elif getattr(value, "__name__", None) == own:
+            candidates.append(value)
+    for candidate in candidates:
+        inner = _function_of(candidate)
+        if inner is not None and _in_library(inner.__code__.co_filename):
+            return _qualname(inner)
+        if inspect.isclass(candidate) and _in_library(getattr(sys.modules.get(candidate.__module__),
+                                                              "__file__", None)):
+            return _qualname(candidate)
+    return None
+
+
+def _cell_filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
+def library_origin(answer: Any) -> str | None:
+    """Where ``answer`` comes from when it is the course library's code, else None.
+
+    A function (or method, partial, decorated function) defined in ``utils/``; a class
+    defined there; a learner's class that inherits a concrete ``utils`` class (abstract
+    bases such as ``utils.tiny.KVCache`` are meant to be subclassed and are fine); a
+    learner's function or method that calls the ``utils`` callable of its own name.
+    Data (tensors, numbers, model instances) is never a library answer.
+    """
+    if inspect.isclass(answer):
+        for cls in inspect.getmro(answer):
+            module = sys.modules.get(cls.__module__)
+            if _in_library(getattr(module, "__file__", None)) and not _is_scaffold(cls):
+                if cls is answer:
+                    return _qualname(cls)
+                return f"{_qualname(cls)} (your class {answer.__qualname__} inherits it)"
+        for attr in vars(answer).values():
+            method = _function_of(attr)
+            if method is not None and not _in_library(method.__code__.co_filename):
+                inner = _calls_own_name_in_library(method)
+                if inner:
+                    return f"{inner} (called by {answer.__qualname__}.{method.__name__})"
+        return None
+    fn = _function_of(answer)
+    if fn is None:
+        return None
+    if _in_library(fn.__code__.co_filename):
+        return _qualname(fn)
+    inner = _calls_own_name_in_library(fn)
+    return f"{inner} (called by your {fn.__name__})" if inner else None
+
+
+_ALLOW_LIBRARY = False
+
+
+@contextlib.contextmanager
+def allow_library_answers():
+    """Within this block the checkers accept the library's reference as an answer.
+
+    For the course's own tests, which hold a checker's logic to the reference (and plant
+    bugs in subclasses of it). The grader never honours it: it checks with a fresh copy
+    of this module.
+    """
+    global _ALLOW_LIBRARY
+    before, _ALLOW_LIBRARY = _ALLOW_LIBRARY, True
+    try:
+        yield
+    finally:
+        _ALLOW_LIBRARY = before
+
+
+# --------------------------------------------------------------------------- measurements
+
+_current_warnings: list[str] | None = None
+
+
+def measurement_warning(what: str, expected: str, got: str, cause: str = "") -> None:
+    """Report a measurement of this machine that disagrees with the model.
+
+    Never fails the exercise: timings depend on the machine and its load. Inside a
+    checker the warning is attached to the exercise (status ``measurement_warning``,
+    printed after the pass line, reported by the grader apart from the score);
+    outside one it is printed at once. ``cause`` names the likely reason (another
+    process busy, turbo, caches larger than the working set…).
+    """
+    lines = [f"⚠ measurement: {what}", _part("expected", expected), _part("measured", got)]
+    if cause:
+        lines.append(_part("likely", cause))
+    text = "\n".join(lines)
+    if _current_warnings is None:
+        print(text)
+    else:
+        _current_warnings.append(text)
 
 
 def _kind(filename: str) -> str:

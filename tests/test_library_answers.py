@@ -1,0 +1,78 @@
+"""Every lab's checkers refuse the course library's own reference as an answer.
+
+For each exercise whose mechanism the library implements (for the chapters' own use),
+handing the library's object to the check cell must end as ``LibraryAnswer``, and the
+same call with refusal switched off must pass: the refusal, not a wrong answer, is what
+stops it. The generic rules (subclasses, wrappers, partials) are tested in test_checks.py.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from utils.checks import LibraryAnswer, allow_library_answers
+
+# (lab, exercise, the library objects a learner could import and hand over)
+CASES = [
+    ("ch03", "attainable", ["utils.roofline.attainable"]),
+    ("ch11", "param_count", ["utils.memory.param_count"]),
+    ("ch11", "zero_bytes_per_device", ["utils.memory.zero_bytes_per_device"]),
+    ("ch11", "activation_bytes_per_layer", ["utils.memory.activation_bytes_per_layer"]),
+    ("ch11", "kv_cache_bytes_per_token", ["utils.memory.kv_cache_bytes_per_token"]),
+    ("ch12", "saved_bytes", ["utils.recompute.saved_bytes"]),
+    ("ch12", "checkpoint_segments", ["utils.recompute.checkpoint_segments"]),
+    ("ch13", "pipeline_orders", ["utils.parallelism.pipeline_orders"]),
+    ("ch13", "assign_slots", ["utils.parallelism.assign_slots"]),
+    ("ch13", "bubble_fraction", ["utils.parallelism.bubble_fraction"]),
+    ("ch16", "prefill_cost", ["utils.inference_cost.prefill_cost"]),
+    ("ch16", "decode_cost", ["utils.inference_cost.decode_cost"]),
+    ("ch17", "block_allocator", ["utils.paged_kv.BlockAllocator"]),
+    ("ch17", "block_manager", ["utils.paged_kv.BlockManager"]),
+    ("ch17", "paged_attention", ["utils.paged_kv.paged_attention"]),
+    ("ch18", "summarize", ["utils.serving.summarize"]),
+    ("ch18", "next_batch", ["utils.serving.next_batch"]),
+    ("ch18", "serve_batched", ["utils.serving.serve_batched"]),
+    ("ch18", "chunk_plan", ["utils.serving.chunk_plan"]),
+    ("ch18", "serve_continuous", ["utils.serving.serve_continuous"]),
+    ("ch18", "goodput", ["utils.serving.goodput"]),
+    ("ch19", "accept_reject", ["utils.speculative.acceptance_probability",
+                               "utils.speculative.residual",
+                               "utils.speculative.accept_or_resample"]),
+    ("ch19", "speedup_formula", ["utils.speculative.speedup", "utils.speculative.optimal_gamma"]),
+    ("ch19", "prompt_lookup", ["utils.speculative.lookup_draft",
+                               "utils.speculative.prompt_lookup_generate"]),
+]
+
+# Refusal only: slow to pass in full (statistical tests, real models), or the library's
+# function has another signature than the exercise's (it takes a model spec, returns a
+# KernelCost), so it would fail on its own anyway.
+REFUSAL_ONLY = {("ch19", "accept_reject"), ("ch19", "prompt_lookup"), ("ch17", "paged_attention"),
+                ("ch11", "param_count"), ("ch11", "zero_bytes_per_device"),
+                ("ch11", "kv_cache_bytes_per_token"), ("ch13", "bubble_fraction"),
+                ("ch16", "prefill_cost"), ("ch16", "decode_cost")}
+
+
+def resolve(dotted: str):
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("lab, exercise, references", CASES,
+                         ids=[f"{lab}.{exercise}" for lab, exercise, _ in CASES])
+def test_the_library_reference_is_refused(lab, exercise, references):
+    checker = getattr(importlib.import_module(f"utils.checks.{lab}"), exercise)
+    answers = [resolve(r) for r in references]
+    with pytest.raises(LibraryAnswer) as refused:
+        checker(*answers)
+    assert references[0] in str(refused.value)
+    assert "the course's reference" in str(refused.value)
+    if (lab, exercise) in REFUSAL_ONLY:
+        return
+    with allow_library_answers():      # the same answer passes on its logic
+        checker(*answers)
+
+
+def test_every_lab_with_a_reference_is_covered():
+    labs = {lab for lab, _, _ in CASES}
+    assert labs >= {"ch03", "ch11", "ch12", "ch13", "ch16", "ch17", "ch18", "ch19"}
