@@ -110,3 +110,25 @@ def test_attainable_flops():
     assert hw.attainable_flops(1e6, 100.0, 10.0) == 100.0
     with pytest.raises(ValueError, match="intensity"):
         hw.attainable_flops(-1, 100.0, 10.0)
+
+
+# On-chip memory per SM, as the CUDA Programming Guide's compute-capability table gives it
+# (maximum shared memory per SM: 8.0 164 KB, 8.9 100 KB, 9.0 and 10.0 228 KB, KB = 1024 B;
+# 64K 32-bit registers per SM) and AMD's ROCm specification table for MI300X (LDS 64 KiB,
+# VGPR file 512 KiB per CU).
+SMEM_KIB = {"H100-SXM": 228, "H200": 228, "B200": 228, "A100-SXM-80GB": 164,
+            "A100-SXM-40GB": 164, "L4": 100, "RTX-4090": 100, "MI300X": 64}
+SMS = {"H100-SXM": 132, "H200": 132, "A100-SXM-80GB": 108, "A100-SXM-40GB": 108, "L4": 58,
+       "RTX-4090": 128, "MI300X": 304, "B200": 148}
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_on_chip_memory_per_sm(name):
+    g = hw.get(name)
+    assert g.sm_count == SMS[name] == g.compute_units
+    assert g.smem_per_sm == SMEM_KIB[name] * 1024
+    assert g.register_file_per_sm == (512 if name == "MI300X" else 256) * 1024
+    assert str(SMEM_KIB[name]) in g.sm_source
+    # the whole chip holds megabytes of registers: 14.5 MiB on L4, 152 MiB on MI300X
+    total_regs = g.sm_count * g.register_file_per_sm
+    assert 14 * 2**20 < total_regs < 160 * 2**20

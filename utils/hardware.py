@@ -48,6 +48,15 @@ class GPUSpec:
     link_bandwidth: float                    # B/s per direction, GPU to GPU
     source: str
     notes: str = ""
+    # Per-SM (per-CU on AMD) on-chip memory, bytes; None where no primary source gives it.
+    smem_per_sm: Optional[float] = None          # largest shared-memory (LDS) carve-out
+    register_file_per_sm: Optional[float] = None
+    sm_source: str = ""                          # where the two figures above come from
+
+    @property
+    def sm_count(self) -> int:
+        """Streaming multiprocessors (NVIDIA) or compute units (AMD): ``compute_units``."""
+        return self.compute_units
 
     def flops(self, dtype: str) -> float:
         """Dense peak FLOP/s for ``dtype``; a clear error when the part lacks it."""
@@ -71,6 +80,13 @@ class LinkSpec:
     notes: str = ""
 
 
+def _cuda_cc(cc: str, smem_kib: int) -> str:
+    return ("NVIDIA CUDA C++ Programming Guide (2024), 'Technical Specifications per Compute "
+            f"Capability' table, compute capability {cc}: maximum shared memory per SM "
+            f"{smem_kib} KB (the largest carve-out of the unified L1/shared array), 64K "
+            "32-bit registers per SM (256 KiB); KB there is 1024 bytes")
+
+
 def _gpu(**kw) -> GPUSpec:
     kw["peak_flops"] = MappingProxyType(dict(kw["peak_flops"]))
     return GPUSpec(**kw)
@@ -90,6 +106,8 @@ _GPUS = {
                 "NVIDIA H100 Tensor Core GPU Architecture whitepaper (2022): 132 SMs, "
                 "50 MB L2; NVLink 900 GB/s bidirectional"),
         notes="fp64 is the FP64 tensor-core rate; plain FP64 is 34 TFLOPS.",
+        smem_per_sm=228 * KiB, register_file_per_sm=64 * KiB * 4,
+        sm_source=_cuda_cc("9.0", 228),
     ),
     "H200": _gpu(
         name="H200", vendor="NVIDIA", architecture="Hopper",
@@ -102,6 +120,8 @@ _GPUS = {
         source=("NVIDIA H200 Tensor Core GPU datasheet (2024), H200 SXM column: 141 GB "
                 "HBM3e, 4.8 TB/s, up to 700 W, same sparse tensor figures as H100 SXM "
                 "(halved here); same GH100 die as H100 (132 SMs, 50 MB L2)"),
+        smem_per_sm=228 * KiB, register_file_per_sm=64 * KiB * 4,
+        sm_source=_cuda_cc("9.0", 228),
     ),
     "A100-SXM-80GB": _gpu(
         name="A100-SXM-80GB", vendor="NVIDIA", architecture="Ampere",
@@ -115,6 +135,8 @@ _GPUS = {
                 "600 GB/s bidirectional. NVIDIA A100 Tensor Core GPU Architecture "
                 "whitepaper (2020): 108 SMs, 40 MB L2"),
         notes="No FP8 tensor cores on Ampere.",
+        smem_per_sm=164 * KiB, register_file_per_sm=64 * KiB * 4,
+        sm_source=_cuda_cc("8.0", 164),
     ),
     "A100-SXM-40GB": _gpu(
         name="A100-SXM-40GB", vendor="NVIDIA", architecture="Ampere",
@@ -127,6 +149,8 @@ _GPUS = {
                 "1,555 GB/s; 400 W; same tensor figures as the 80GB part. A100 "
                 "architecture whitepaper (2020): 108 SMs, 40 MB L2"),
         notes="No FP8 tensor cores on Ampere.",
+        smem_per_sm=164 * KiB, register_file_per_sm=64 * KiB * 4,
+        sm_source=_cuda_cc("8.0", 164),
     ),
     "L4": _gpu(
         name="L4", vendor="NVIDIA", architecture="Ada Lovelace",
@@ -139,6 +163,8 @@ _GPUS = {
                 "FP16/BF16 242, FP8/INT8 485 with sparsity (halved here); 24 GB GDDR6, "
                 "300 GB/s, 72 W. NVIDIA Ada GPU Architecture whitepaper (2023): AD104 "
                 "with 58 SMs enabled on L4, 48 MB L2"),
+        smem_per_sm=100 * KiB, register_file_per_sm=64 * KiB * 4,
+        sm_source=_cuda_cc("8.9", 100),
     ),
     "MI300X": _gpu(
         name="MI300X", vendor="AMD", architecture="CDNA 3",
@@ -155,6 +181,8 @@ _GPUS = {
                 "4 MB L2 per XCD, 8 XCDs, plus 256 MB Infinity Cache"),
         notes=("fp64 is the matrix-core rate; vector FP64 is 81.7 TFLOPS. The 256 MB "
                "Infinity Cache sits between L2 and HBM and is not counted in l2_bytes."),
+        smem_per_sm=64 * KiB, register_file_per_sm=512 * KiB,
+        sm_source=("AMD ROCm documentation, 'GPU hardware specifications' table, MI300X row: LDS 64 KiB and VGPR file 512 KiB per CU (2024)"),
     ),
     "B200": _gpu(
         name="B200", vendor="NVIDIA", architecture="Blackwell",
@@ -170,6 +198,8 @@ _GPUS = {
                 "1.8 TB/s bidirectional. SM count: 148 (74 per die), Chips and Cheese, "
                 "'Nvidia's B200: Keeping the CUDA Juggernaut Rolling' (2025)"),
         notes="NVIDIA has not published the B200's L2 capacity in a datasheet.",
+        smem_per_sm=228 * KiB, register_file_per_sm=64 * KiB * 4,
+        sm_source=_cuda_cc("10.0", 228),
     ),
     "RTX-4090": _gpu(
         name="RTX-4090", vendor="NVIDIA", architecture="Ada Lovelace",
@@ -184,6 +214,8 @@ _GPUS = {
                 "72 MB L2; 24 GB GDDR6X at 21 Gbps on a 384-bit bus (1,008 GB/s); 450 W"),
         notes="GeForce halves the tensor rate with FP32 accumulation; with FP16 "
               "accumulation fp16 is 330.3 TFLOPS.",
+        smem_per_sm=100 * KiB, register_file_per_sm=64 * KiB * 4,
+        sm_source=_cuda_cc("8.9", 100),
     ),
 }
 
