@@ -14,6 +14,7 @@ from utils import labgen
 from utils.labgen import LabgenError, make_lab
 
 STUB = 'raise NotImplementedError("replace this line with your code")'
+SOFTMAX_STUB = 'raise NotImplementedError("exercise softmax: replace this line with your code")'
 
 
 def solution_notebook():
@@ -50,7 +51,8 @@ def test_make_lab_replaces_regions_and_clears_outputs():
     lab = make_lab(solution)
     assert nbformat.writes(solution) == before                    # the solution is untouched
     src = [cell.source for cell in lab.cells]
-    assert src[2] == 'def softmax(x):\n    """Softmax over the last dimension."""\n    ' + STUB + "\n"
+    # a stub names the exercise whose check comes next; after the last check, none
+    assert src[2] == 'def softmax(x):\n    """Softmax over the last dimension."""\n    ' + SOFTMAX_STUB + "\n"
     assert src[4] == STUB + "\nprint(answer)\ndef f():\n        " + STUB
     assert src[5] == "**Q1.** Why subtract the maximum?\n\n*Your answer here.*\n"
     assert src[0] == solution.cells[0].source and src[3] == solution.cells[3].source
@@ -63,6 +65,8 @@ def test_make_lab_replaces_regions_and_clears_outputs():
     assert [c.id for c in lab.cells] == [c.id for c in solution.cells]
     assert lab.metadata.kernelspec == solution.metadata.kernelspec
     assert "widgets" not in lab.metadata
+    assert "course" not in lab.metadata                 # no name given
+    assert make_lab(solution, lab_name="99_test").metadata.course == {"lab": "99_test"}
 
 
 def test_make_lab_is_idempotent_and_deterministic():

@@ -10,12 +10,16 @@ unchanged):
 
 * In code cells, each region from a line ``### BEGIN SOLUTION`` to a line
   ``### END SOLUTION`` (any indentation) becomes one line
-  ``raise NotImplementedError("replace this line with your code")`` at the indentation
-  of the ``BEGIN`` marker.
+  ``raise NotImplementedError("exercise <name>: replace this line with your code")`` at
+  the indentation of the ``BEGIN`` marker, where ``<name>`` is the exercise whose check
+  (``check.<name>(``) comes next in the notebook, so a later check that runs into this
+  stub can say which exercise it belongs to.
 * In markdown cells, each region from ``### BEGIN ANSWER`` to ``### END ANSWER`` (the
   short answers to "questions to think about") becomes ``*Your answer here.*``.
 * Every output and execution count is cleared; execution timings and widget state are
-  dropped; all other metadata (cell ids, tags, the notebook's kernelspec) is kept.
+  dropped; all other metadata (cell ids, tags, the notebook's kernelspec) is kept. The
+  notebook's metadata gains ``course.lab`` (the lab's name, e.g. ``17_paged_attention``),
+  which the grader uses to find the official lab a renamed submission belongs to.
 
 A marker without its partner, a nested marker, a marker in the wrong kind of cell, or
 a line that looks like a marker but is not exactly one is an error naming the cell: a
@@ -82,12 +86,43 @@ def _cell_name(i: int, cell: nbformat.NotebookNode) -> str:
     return f"cell {i} ({cell.cell_type}{cell_id})"
 
 
-def make_lab(solution_nb: nbformat.NotebookNode, name: str = "solution") -> nbformat.NotebookNode:
+def code_stub(exercise: str | None) -> str:
+    """The line a solution region becomes, naming its exercise when there is one."""
+    if not exercise:
+        return CODE_STUB
+    return f'raise NotImplementedError("exercise {exercise}: replace this line with your code")'
+
+
+_CHECK_CALL = re.compile(r"\bcheck\s*\.\s*([A-Za-z_]\w*)\s*\(")
+
+
+def _next_exercises(cells) -> list[str | None]:
+    """For each cell, the exercise of the first ``check.<name>(`` in it or after it."""
+    following: list[str | None] = [None] * len(cells)
+    upcoming = None
+    for i in range(len(cells) - 1, -1, -1):
+        cell = cells[i]
+        if cell.cell_type == "code":
+            source = cell.source if isinstance(cell.source, str) else "".join(cell.source)
+            code = "\n".join(line.split("#", 1)[0] for line in source.splitlines())
+            found = _CHECK_CALL.findall(code)
+            if found:
+                upcoming = found[0]
+        following[i] = upcoming
+    return following
+
+
+def make_lab(solution_nb: nbformat.NotebookNode, name: str = "solution",
+             lab_name: str | None = None) -> nbformat.NotebookNode:
     """The lab for a solved notebook (a new notebook; the solution is not modified).
 
-    ``name`` prefixes error messages (e.g. the solution's path).
+    ``name`` prefixes error messages (e.g. the solution's path); ``lab_name`` (e.g.
+    ``17_paged_attention``) is stored in the lab's metadata as ``course.lab``.
     """
     lab = copy.deepcopy(solution_nb)
+    if lab_name:
+        lab.metadata["course"] = {"lab": lab_name}
+    exercises = _next_exercises(lab.cells)
     rules = {"code": (SOLUTION, CODE_STUB, ANSWER), "markdown": (ANSWER, ANSWER_STUB, SOLUTION)}
     for i, cell in enumerate(lab.cells, 1):
         where = f"{name}: {_cell_name(i, cell)}"
@@ -97,6 +132,8 @@ def make_lab(solution_nb: nbformat.NotebookNode, name: str = "solution") -> nbfo
                 raise LabgenError(f"{where}: markers belong in code or markdown cells")
             continue
         markers, stub, wrong = rules[cell.cell_type]
+        if cell.cell_type == "code":
+            stub = code_stub(exercises[i - 1])
         for marker in wrong:
             if any(line.strip() == marker for line in source.splitlines()):
                 raise LabgenError(f"{where}: '{marker}' does not belong in a {cell.cell_type} "
@@ -109,7 +146,8 @@ def lab_text(solution_path: str | os.PathLike, root: str | os.PathLike | None = 
     """The text of the lab generated from the solution notebook at ``solution_path``."""
     solution_path = Path(solution_path)
     shown = solution_path.relative_to(root) if root else solution_path
-    return notebook_text(make_lab(read_notebook(solution_path), name=str(shown)))
+    return notebook_text(make_lab(read_notebook(solution_path), name=str(shown),
+                                  lab_name=solution_path.stem))
 
 
 def _pairs(root: Path) -> tuple[list[Path], list[Path]]:
