@@ -51,6 +51,12 @@ def ring_all_reduce(x, rank, n):
 
 
 def recursive_doubling(x, rank, n):
+    if n & (n - 1):
+        raise ValueError(f"world_size must be a power of two, got {n}")
+    return rd_without_power_of_two_check(x, rank, n)
+
+
+def rd_without_power_of_two_check(x, rank, n):
     total, buf, d = x.clone(), torch.empty_like(x), 1
     while d < n:
         exchange(total, rank ^ d, buf, rank ^ d)
@@ -165,6 +171,41 @@ def test_recursive_doubling_with_ring_partners_fails():
     with pytest.raises(ExerciseFailed) as e:
         check.recursive_doubling_all_reduce(rd_wrong_partner)
     three_parts(e.value, "recursive_doubling_all_reduce")
+
+
+def rd_checks_only_odd_sizes(x, rank, n):
+    if n % 2:
+        raise ValueError(f"world_size must be even, got {n}")
+    return rd_without_power_of_two_check(x, rank, n)
+
+
+def rd_wrong_exception(x, rank, n):
+    if n & (n - 1):
+        raise RuntimeError(f"world_size must be a power of two, got {n}")
+    return rd_without_power_of_two_check(x, rank, n)
+
+
+def test_recursive_doubling_without_the_power_of_two_check_fails():
+    # Without the check, rank 0 of 3 goes on to communicate; with no process group in the
+    # checker's process torch.distributed raises a ValueError of its own, which must not count.
+    with pytest.raises(ExerciseFailed) as e:
+        check.recursive_doubling_all_reduce(rd_without_power_of_two_check)
+    msg = three_parts(e.value, "recursive_doubling_all_reduce")
+    assert "world_size=3" in msg and "from inside torch" in msg
+
+
+def test_recursive_doubling_that_lets_even_non_powers_through_fails():
+    with pytest.raises(ExerciseFailed) as e:
+        check.recursive_doubling_all_reduce(rd_checks_only_odd_sizes)
+    msg = three_parts(e.value, "recursive_doubling_all_reduce")
+    assert "world_size=6" in msg
+
+
+def test_recursive_doubling_with_the_wrong_exception_fails():
+    with pytest.raises(ExerciseFailed) as e:
+        check.recursive_doubling_all_reduce(rd_wrong_exception)
+    msg = three_parts(e.value, "recursive_doubling_all_reduce")
+    assert "RuntimeError" in msg and "world_size=3" in msg
 
 
 def test_stub_is_not_attempted():

@@ -20,7 +20,9 @@ carries.
 from __future__ import annotations
 
 import math
+import os
 import re
+import traceback
 
 import numpy as np
 import torch
@@ -249,10 +251,46 @@ def ring_all_reduce(fn):
             "2(n-1)/n·S bytes per rank, the bandwidth-optimal count")
 
 
+NOT_POWERS_OF_TWO = (3, 6, 12)
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+def _power_of_two_error(fn):
+    """``fn(x, 0, n)`` must raise ValueError for a world size n that is not a power of two.
+
+    Called here, in the checker's process, where no process group exists: the learner's
+    check of ``world_size`` comes before any communication, so it raises first. A ValueError
+    raised inside ``torch`` (``torch.distributed`` without a process group, or with a
+    partner rank that does not exist) is not the learner's check.
+    """
+    for n in NOT_POWERS_OF_TWO:
+        what = f"recursive_doubling_all_reduce(x, rank=0, world_size={n})"
+        expected = f"ValueError: {n} is not a power of two, raised before any communication"
+        hint = ("check world_size first, before any send or receive, and raise ValueError "
+                "when it is not 1, 2, 4, 8, ... (recursive doubling pairs rank r with "
+                "r ^ 2^k, which exists only when the world size is a power of two)")
+        try:
+            fn(torch.arange(8.0), 0, n)
+        except NotImplementedError:
+            raise
+        except ValueError as err:
+            frames = traceback.extract_tb(err.__traceback__)
+            if frames and frames[-1].filename.startswith(_TORCH_DIR):
+                fail(what, expected,
+                     f"a ValueError from inside torch ({frames[-1].filename.split(os.sep)[-1]}: "
+                     f"{str(err)[:100]}), not from your check", hint)
+            continue
+        except Exception as err:
+            fail(what, expected, f"{type(err).__name__}: {str(err)[:120]}", hint)
+        fail(what, expected, "no exception: it returned", hint)
+
+
 @exercise
 def recursive_doubling_all_reduce(fn):
-    """``fn(x, rank, world_size)`` -> the sum over ranks by log2(n) pairwise exchanges."""
+    """``fn(x, rank, world_size)`` -> the sum over ranks by log2(n) pairwise exchanges;
+    ValueError when ``world_size`` is not a power of two."""
     _probe_stub(fn, torch.zeros(4), 0, 1)
+    _power_of_two_error(fn)
     for n in (4, 2):
         cases = CASES[4] + ALL_REDUCE_EXTRA[4] if n == 4 else CASES[3]
         results = _launch("recursive_doubling_all_reduce", "all_reduce", fn, n, cases)
