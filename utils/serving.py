@@ -56,7 +56,7 @@ __all__ = [
     "make_trace", "next_batch", "chunk_plan", "serve_batched", "serve_continuous",
     "ttft", "tpot", "summarize", "slo_attainment", "goodput", "simulate_colocated",
     "simulate_disaggregated", "measure_step_times", "gpu_cost_model", "plot_timeline",
-    "PUBLISHED",
+    "PUBLISHED", "SCHEDULERS", "saturate", "simulate", "saturation_throughput",
 ]
 
 
@@ -664,6 +664,64 @@ def simulate_disaggregated(requests: Sequence[Request], cost: CostModel, n_prefi
     return done
 
 
+# --- throughput at saturation ------------------------------------------------------------------
+
+SCHEDULERS = ("static", "dynamic", "continuous", "chunked")
+
+
+def saturate(requests: Sequence[Request]) -> list[Request]:
+    """The same requests, all arriving at time 0: an offered load above any server's capacity.
+
+    With every request queued from the start the server never idles until the queue is
+    empty, so the throughput of a run is the most its scheduler can deliver on this
+    workload (its capacity), whatever the arrival process would have been.
+    """
+    reqs = _check_requests(requests)
+    return [Request(r.rid, 0.0, r.prompt, r.max_new) for r in reqs]
+
+
+def simulate(scheduler: str, requests: Sequence[Request], cost: CostModel, max_batch: int,
+             max_delay: float = 0.010, token_budget: int | None = None):
+    """Run one of :data:`SCHEDULERS` on ``requests`` under ``cost`` (no model runs).
+
+    ``"static"`` is :func:`serve_batched` with ``max_delay = inf``; ``"dynamic"`` the same
+    with ``max_delay`` (seconds); ``"continuous"`` is :func:`serve_continuous` with whole
+    prompts; ``"chunked"`` the same with ``token_budget`` tokens per iteration. Returns
+    ``(completions, clock.log)``.
+    """
+    from .validate import check_choice, check_int, check_number
+
+    check_choice("scheduler", scheduler, SCHEDULERS)
+    if not isinstance(cost, CostModel):
+        raise TypeError(f"cost must be a CostModel, got {type(cost).__name__}")
+    check_int("max_batch", max_batch, low=1)
+    clock = VirtualClock(cost)
+    if scheduler in ("static", "dynamic"):
+        delay = math.inf if scheduler == "static" else check_number("max_delay", max_delay, nonnegative=True)
+        out = serve_batched(None, requests, max_batch, delay, clock)
+    else:
+        if scheduler == "chunked":
+            if token_budget is None:
+                raise ValueError("token_budget must be a positive integer for the 'chunked' scheduler")
+            check_int("token_budget", token_budget, low=1)
+        out = serve_continuous(None, requests, max_batch, clock,
+                               token_budget if scheduler == "chunked" else None)
+    return out, clock.log
+
+
+def saturation_throughput(scheduler: str, requests: Sequence[Request], cost: CostModel,
+                          max_batch: int, max_delay: float = 0.010,
+                          token_budget: int | None = None) -> float:
+    """Output tokens per second of ``scheduler`` when every request of ``requests`` is
+    queued at time 0 (:func:`saturate`): the scheduler's capacity on this workload.
+
+    Any offered rate above capacity gives the same schedule once the queue has built up;
+    arriving all at once is the limit of those rates, so the result is deterministic.
+    """
+    out, _ = simulate(scheduler, saturate(requests), cost, max_batch, max_delay, token_budget)
+    return summarize(out)["throughput"]
+
+
 # --- published numbers the chapter quotes -------------------------------------------------------
 
 PUBLISHED = {
@@ -676,6 +734,10 @@ PUBLISHED = {
                               "(or 12.6x tighter SLO) than state-of-the-art systems with > 90% of "
                               "requests within latency constraints (the first arXiv version said "
                               "4.48x and 10.2x)"),
+    "vllm_throughput_x": ((2, 4), "Kwon et al., Efficient Memory Management for Large Language "
+                                  "Model Serving with PagedAttention (vLLM), SOSP 2023, abstract: "
+                                  "2-4x the throughput of FasterTransformer and Orca at the same "
+                                  "level of latency"),
     "splitwise_throughput_x": (1.4, "Patel et al., Splitwise, ISCA 2024, abstract: up to 1.4x higher "
                                     "throughput at 20% lower cost (or 2.35x more throughput at the "
                                     "same power and cost budgets)"),
