@@ -36,6 +36,8 @@ def notebook(*sources):
     nb = new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                "language": "python"}})
     nb.cells = [new_markdown_cell("# A lab")] + [new_code_cell(s) for s in sources]
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i}"          # as a lab and its copies share ids
     return nb
 
 
@@ -54,6 +56,11 @@ def run_grade(*args, timeout=120):
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+def official(tmp_path, nb=None):
+    """The official lab made from ``nb`` (default: the solution above), saved in tmp_path."""
+    return save(make_lab(nb or solution(), lab_name="99_lab"), tmp_path / "official.ipynb")
+
+
 def test_find_exercises_reads_the_source():
     nb = notebook(SETUP, "check.a(f)  # check.not_this(g)\nx = check.b(h)",
                   "%%time\ncheck.c(f)", "def broken(:\n    check.d(f)", "check.a(f)")
@@ -64,7 +71,7 @@ def test_find_exercises_reads_the_source():
 def test_solved_notebook_passes_and_json_matches(tmp_path):
     path = save(solution(), tmp_path / "03_lab.ipynb")
     out = tmp_path / "result.json"
-    done = run_grade(path, "--json", out)
+    done = run_grade(path, "--lab", official(tmp_path), "--json", out)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert lines[-1] == "2/2 exercises passed"
@@ -82,7 +89,7 @@ def test_solved_notebook_passes_and_json_matches(tmp_path):
 def test_generated_lab_is_not_attempted(tmp_path):
     path = save(make_lab(solution()), tmp_path / "03_lab.ipynb")
     before = path.read_bytes()
-    result = grade.grade(path, timeout=60)
+    result = grade.grade(path, timeout=60, lab=official(tmp_path))
     assert [(e["exercise"], e["status"]) for e in result["exercises"]] == [
         ("softmax", "not_attempted"), ("count_flops_matmul", "not_attempted")]
     assert result["score"] == {"passed": 0, "total": 2}
@@ -97,9 +104,13 @@ def test_wrong_answer_fails_and_a_hanging_cell_times_out(tmp_path):
     hang = "import os\nopen('kernel.pid', 'w').write(str(os.getpid()))\nwhile True: pass"
     nb = notebook(SETUP, naive, "check.softmax(softmax)", "undefined_name",
                   hang, FLOPS, "check.count_flops_matmul(count_flops_matmul)")
+    lab = notebook(SETUP, SOFTMAX, "check.softmax(softmax)", "undefined_name",
+                   "### BEGIN SOLUTION\n### END SOLUTION", FLOPS,
+                   "check.count_flops_matmul(count_flops_matmul)")
+    lab = official(tmp_path, lab)
     path = save(nb, tmp_path / "hangs.ipynb")
     start = time.monotonic()
-    done = run_grade(path, "--timeout", 10, "--json", tmp_path / "r.json", timeout=100)
+    done = run_grade(path, "--lab", lab, "--timeout", 10, "--json", tmp_path / "r.json", timeout=100)
     elapsed = time.monotonic() - start
     assert done.returncode == 1, done.stdout + done.stderr
     assert elapsed < 50                          # 10 s for the cell, the rest is kernel start-up
@@ -137,7 +148,9 @@ def test_not_a_notebook_and_no_exercises(tmp_path, capsys):
     assert "not a notebook" in capsys.readouterr().err
     empty = save(notebook("x = 1"), tmp_path / "empty.ipynb")
     assert grade.main([str(empty)]) == 2
-    assert "no exercises found" in capsys.readouterr().out
+    assert "cannot tell which lab this is" in capsys.readouterr().err
+    assert grade.main([str(empty), "--lab", str(empty)]) == 2
+    assert "the official lab has no exercises" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ nbrun

@@ -165,9 +165,14 @@ class RunResult:
         return [e for e in self.errors if not e.allowed]
 
 
+class SilentError(RuntimeError):
+    """Code run with :func:`execute_cells`' ``silent`` helper did not complete."""
+
+
 def execute_cells(nb: nbformat.NotebookNode, cwd: str | os.PathLike, *, cell_timeout: float,
                   total_timeout: float | None = None, env: dict[str, str] | None = None,
-                  stop_on_error: bool = False, kernel_name: str = KERNEL_NAME) -> RunResult:
+                  stop_on_error: bool = False, kernel_name: str = KERNEL_NAME,
+                  before_cell=None, after_cell=None) -> RunResult:
     """Execute ``nb``'s code cells in order in a fresh kernel started in ``cwd``, in place.
 
     Code cells get execution counts 1, 2, 3…; errors are recorded and the run goes on
@@ -175,6 +180,11 @@ def execute_cells(nb: nbformat.NotebookNode, cwd: str | os.PathLike, *, cell_tim
     ``cell_timeout``, or past what is left of ``total_timeout``, or a dying kernel ends the
     run. The kernel (and its process group) is always killed at the end. ``env`` adds
     variables to the kernel's environment.
+
+    ``before_cell(position, silent)`` and ``after_cell(position, silent)``, when given, are
+    called around each code cell; ``silent(code, expressions)`` runs ``code`` in the kernel
+    without output or history and returns the kernel's reply: the ``user_expressions``
+    evaluated after it, read from the execution's own reply message (the grader's channel).
     """
     from nbclient import NotebookClient
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
@@ -190,6 +200,18 @@ def execute_cells(nb: nbformat.NotebookNode, cwd: str | os.PathLike, *, cell_tim
         extra_arguments=["--IPKernelApp.log_level=ERROR"],  # no start-up chatter on stderr
         resources={"metadata": {"path": str(cwd)}})
     position = None
+
+    def silent(code: str, expressions: dict[str, str] | None = None) -> dict:
+        msg_id = client.kc.execute(code, silent=True, store_history=False, allow_stdin=False,
+                                   user_expressions=expressions or {})
+        reply = client.wait_for_reply(msg_id)
+        if not reply:
+            raise SilentError("no reply from the kernel")
+        content = reply.get("content", {})
+        if content.get("status") != "ok":
+            raise SilentError(f"{content.get('ename', 'error')}: {content.get('evalue', '')}")
+        return content.get("user_expressions", {})
+
     try:
         with client.setup_kernel(env={**os.environ, **(env or {})}):
             reply = client.wait_for_reply(client.kc.kernel_info())
@@ -207,8 +229,13 @@ def execute_cells(nb: nbformat.NotebookNode, cwd: str | os.PathLike, *, cell_tim
                 limit = min(cell_timeout, left)
                 client.timeout = max(1, math.ceil(limit))
                 try:
+                    if before_cell is not None:
+                        before_cell(position, silent)
                     client.execute_cell(cell, position,
                                         execution_count=client.code_cells_executed + 1)
+                    if after_cell is not None:
+                        client.timeout = max(1, math.ceil(min(60, max(1, deadline - time.monotonic()))))
+                        after_cell(position, silent)
                 except CellTimeoutError:
                     if limit < cell_timeout:
                         result.stopped = (f"the overall limit of {total_timeout:g} s ran out in "
