@@ -20,6 +20,8 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.utils.benchmark as tbench
 
+from .validate import check_callable, check_int, check_number
+
 _DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16,
            "fp16": torch.float16}
 
@@ -64,12 +66,10 @@ def time_fn(fn: Callable, *args, min_run_time: Optional[float] = None, **kwargs)
     block so that timer overhead is negligible, runs blocks for ``min_run_time``
     seconds (0.2 s, 0.05 s in quick mode) after a warm-up call, and synchronises CUDA.
     """
-    if not callable(fn):
-        raise TypeError(f"time_fn needs a callable, got {type(fn).__name__}")
+    check_callable("fn", fn)
     if min_run_time is None:
         min_run_time = 0.05 if quick() else 0.2
-    if min_run_time <= 0:
-        raise ValueError(f"min_run_time must be positive, got {min_run_time}")
+    check_number("min_run_time", min_run_time, positive=True)    # NaN or inf would never end
     timer = tbench.Timer(stmt="fn(*args, **kwargs)",
                          globals={"fn": fn, "args": args, "kwargs": kwargs},
                          num_threads=torch.get_num_threads())
@@ -176,7 +176,11 @@ def cache_sweep(sizes: Iterable[int], device=None) -> list[tuple[int, float]]:
     The working set is source plus destination. Small sets live in L1/L2 and copy
     faster than main memory allows; the curve steps down at each cache capacity.
     """
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
+        raise TypeError(f"sizes must be an iterable of byte counts, got {type(sizes).__name__}")
     sizes = list(sizes)
+    for ws in sizes:
+        check_int("sizes (each working-set size)", ws, low=1)
     out = []
     with _progress(len(sizes), "cache sweep") as bar:
         for ws in sizes:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping, Optional
 
+from .validate import UnknownName, check_number, resolve_gpu
+
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 GB, TB = 1e9, 1e12
 TFLOPS = 1e12
@@ -62,8 +64,8 @@ class GPUSpec:
         """Dense peak FLOP/s for ``dtype``; a clear error when the part lacks it."""
         try:
             return self.peak_flops[dtype]
-        except KeyError:
-            raise KeyError(
+        except (KeyError, TypeError):
+            raise UnknownName(
                 f"{self.name} has no published dense peak for dtype {dtype!r}; "
                 f"it has: {', '.join(sorted(self.peak_flops))}"
             ) from None
@@ -274,14 +276,14 @@ def names() -> list[str]:
 
 def _lookup(table, aliases, name, what):
     if not isinstance(name, str):
-        raise TypeError(f"{what} name must be a string, got {type(name).__name__}")
+        raise TypeError(f"{what} name must be a string, got {type(name).__name__} {name!r}")
     if name in table:
         return table[name]
     folded = {k.lower(): k for k in list(table) + list(aliases)}
     key = folded.get(name.strip().lower())
     if key is not None:
         return table[aliases.get(key, key)]
-    raise KeyError(f"unknown {what} {name!r}; known: {', '.join(table)}")
+    raise UnknownName(f"unknown {what} name {name!r}; known: {', '.join(table)}")
 
 
 def get(name: str) -> GPUSpec:
@@ -299,14 +301,13 @@ def ridge_point(spec: GPUSpec | str, dtype: str = "bf16") -> float:
 
     ridge = peak FLOP/s / memory bandwidth (B/s).
     """
-    if isinstance(spec, str):
-        spec = get(spec)
+    spec = resolve_gpu(spec, "spec")
     return spec.flops(dtype) / spec.memory_bandwidth
 
 
 def attainable_flops(intensity: float, peak_flops: float, bandwidth: float) -> float:
     """The roofline: min(peak, intensity x bandwidth), in FLOP/s."""
-    if intensity < 0 or peak_flops <= 0 or bandwidth <= 0:
-        raise ValueError("intensity must be >= 0 and peak_flops, bandwidth > 0; got "
-                         f"intensity={intensity}, peak_flops={peak_flops}, bandwidth={bandwidth}")
+    check_number("intensity", intensity, nonnegative=True)
+    check_number("peak_flops", peak_flops, positive=True)
+    check_number("bandwidth", bandwidth, positive=True)
     return min(peak_flops, intensity * bandwidth)

@@ -44,6 +44,7 @@ from typing import Union
 from . import hardware as _hardware
 from . import models as _models
 from .models import ModelSpec
+from .validate import resolve_gpu, resolve_model
 
 __all__ = [
     "MemoryBreakdown", "ZeroMemory", "CommVolume", "TrainingMemory", "InferenceMemory",
@@ -123,12 +124,8 @@ def _zero_stage(value) -> int:
     return int(value)
 
 
-def _model(model) -> ModelSpec:
-    if isinstance(model, ModelSpec):
-        return model
-    if isinstance(model, str):
-        return _models.get(model)
-    raise TypeError(f"model must be a ModelSpec or a model name, got {type(model).__name__}")
+def _model(model, name: str = "model") -> ModelSpec:
+    return resolve_model(model, name)
 
 
 def _tp_divides_heads(tp: int, heads: int) -> None:
@@ -243,11 +240,15 @@ def tensor_shapes(model: ModelLike) -> list[tuple[int, ...]]:
 
 def param_count(model_or_params) -> int:
     """Parameters of a ModelSpec, a model name, a list of tensor shapes, or an integer."""
-    if isinstance(model_or_params, (ModelSpec, str)):
-        return _model(model_or_params).param_count()
-    if isinstance(model_or_params, (list, tuple)):
-        return sum(math.prod(_shape(s)) for s in model_or_params)
-    return _size("params", model_or_params)
+    return _param_count(model_or_params, "model_or_params")
+
+
+def _param_count(value, name: str) -> int:
+    if isinstance(value, (ModelSpec, str)):
+        return _model(value, name).param_count()
+    if isinstance(value, (list, tuple)):
+        return sum(math.prod(_shape(s)) for s in value)
+    return _size(name, value)
 
 
 def _shape(s) -> tuple[int, ...]:
@@ -258,12 +259,14 @@ def _shape(s) -> tuple[int, ...]:
 
 def weights_bytes(model_or_params, bytes_per_param: Number = 2) -> Number:
     """Bytes of the weights: parameters x ``bytes_per_param`` (2 for bf16/fp16)."""
-    return _times(param_count(model_or_params), _per_element("bytes_per_param", bytes_per_param))
+    return _times(_param_count(model_or_params, "model_or_params"),
+                  _per_element("bytes_per_param", bytes_per_param))
 
 
 def gradient_bytes(model_or_params, bytes_per_grad: Number = 2) -> Number:
     """Bytes of the gradients: one per parameter, ``bytes_per_grad`` each (2 in 16-bit)."""
-    return _times(param_count(model_or_params), _per_element("bytes_per_grad", bytes_per_grad))
+    return _times(_param_count(model_or_params, "model_or_params"),
+                  _per_element("bytes_per_grad", bytes_per_grad))
 
 
 # Per parameter, fp32 state (4 bytes an element):
@@ -367,7 +370,7 @@ def zero_bytes_per_device(params, stage: int, dp: int, optimizer_bytes_per_param
 
     Returns a :class:`ZeroMemory` (``params``, ``grads``, ``optimizer``; ``.total``).
     """
-    psi = param_count(params)
+    psi = _param_count(params, "params")
     stage = _zero_stage(stage)
     dp = _size("dp", dp)
     k = _per_element("optimizer_bytes_per_param", optimizer_bytes_per_param)
@@ -398,7 +401,7 @@ def zero_comm_bytes_per_step(params, stage: int, dp: int, bytes_per_element: Num
 
     Returns a :class:`CommVolume` (``reduce_scatter``, ``all_gather``; ``.total``).
     """
-    psi = param_count(params)
+    psi = _param_count(params, "params")
     stage = _zero_stage(stage)
     dp = _size("dp", dp)
     b = _per_element("bytes_per_element", bytes_per_element)
@@ -666,7 +669,7 @@ def min_gpus(model: ModelLike, gpu, workload: str = "inference", *, seq_len: int
     ``usable_fraction`` of the marketed ``memory_bytes`` is counted as available (the
     driver, CUDA context and allocator take some). Returns an int.
     """
-    spec = gpu if isinstance(gpu, _hardware.GPUSpec) else _hardware.get(gpu)
+    spec = resolve_gpu(gpu)
     m = _model(model)
     if isinstance(usable_fraction, bool) or not isinstance(usable_fraction, numbers.Real) \
             or not 0 < usable_fraction <= 1:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Mapping
 
+from .validate import UnknownName
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -166,8 +168,8 @@ def names() -> list[str]:
 def get(name: str) -> ModelSpec:
     """The architecture of model ``name`` (case-insensitive)."""
     if not isinstance(name, str):
-        raise TypeError(f"model name must be a string, got {type(name).__name__}")
+        raise TypeError(f"model name must be a string, got {type(name).__name__} {name!r}")
     key = name.strip().lower()
     if key in _MODELS:
         return _MODELS[key]
-    raise KeyError(f"unknown model {name!r}; known: {', '.join(_MODELS)}")
+    raise UnknownName(f"unknown model name {name!r}; known: {', '.join(_MODELS)}")

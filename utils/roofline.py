@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .validate import check_number, resolve_model
+
 
 @dataclass(frozen=True)
 class KernelCost:
@@ -92,6 +94,7 @@ def attention_decode(model, context: int, batch: int = 1, bytes_per_element: int
     plus the query read and the output written (n_heads x head_dim each).
     Projections (QKV, output) are GEMMs and are counted separately.
     """
+    model = resolve_model(model)
     _positive(context=context, batch=batch, bytes_per_element=bytes_per_element)
     L, H, dh, kv = model.n_layers, model.n_heads, model.head_dim, model.kv_dim
     flops = batch * L * 4 * context * H * dh
@@ -99,15 +102,36 @@ def attention_decode(model, context: int, batch: int = 1, bytes_per_element: int
     return KernelCost(flops=flops, bytes=elements * bytes_per_element)
 
 
+def _intensities(intensity) -> np.ndarray:
+    if isinstance(intensity, (str, bytes)) or isinstance(intensity, bool):
+        raise TypeError(f"intensity must be a number or an array of numbers, got "
+                        f"{type(intensity).__name__} {intensity!r}")
+    try:
+        i = np.asarray(intensity, dtype=float)
+    except (TypeError, ValueError):
+        raise TypeError(f"intensity must be a number or an array of numbers, got "
+                        f"{type(intensity).__name__}") from None
+    if np.asarray(intensity).dtype.kind not in "biuf":
+        raise TypeError(f"intensity must hold numbers, got dtype {np.asarray(intensity).dtype}")
+    if not np.all(np.isfinite(i)):
+        raise ValueError("intensity must be finite (no NaN or inf)")
+    if np.any(i < 0):
+        raise ValueError("intensity must be >= 0")
+    return i
+
+
 def attainable(intensity, peak_flops: float, bandwidth: float):
     """The roofline, min(peak, intensity x bandwidth); works on arrays."""
-    i = np.asarray(intensity, dtype=float)
-    if np.any(i < 0) or peak_flops <= 0 or bandwidth <= 0:
-        raise ValueError("intensity must be >= 0; peak_flops and bandwidth must be > 0")
+    check_number("peak_flops", peak_flops, positive=True)
+    check_number("bandwidth", bandwidth, positive=True)
+    i = _intensities(intensity)
     out = np.minimum(peak_flops, i * bandwidth)
     return float(out) if out.ndim == 0 else out
 
 
 def bound(intensity: float, peak_flops: float, bandwidth: float) -> str:
     """'memory' below the ridge point, 'compute' at or above it."""
+    check_number("intensity", intensity, nonnegative=True)
+    check_number("peak_flops", peak_flops, positive=True)
+    check_number("bandwidth", bandwidth, positive=True)
     return "compute" if intensity >= peak_flops / bandwidth else "memory"

@@ -1,0 +1,570 @@
+"""A bad-input sweep over the public API of the course library.
+
+For every public function of the library modules listed in ``MODULES`` there is an
+entry in ``SWEEP``: a factory of valid arguments (each call gets fresh objects). The
+sweep checks that the valid call answers, then replaces one argument at a time with a bad
+value chosen by the kind of the good one:
+
+* numbers: NaN, +inf, -1, 0, a string;
+* names (strings): an unknown name, an int;
+* tensors: a plain list, one extra leading dimension, the other kind of dtype;
+* sequences of numbers: NaN or -1 as an element, an int instead of the sequence;
+* registry specs, callables and other objects: an int.
+
+Every such call must raise ``ValueError`` or ``TypeError`` whose message names the
+argument (case-insensitive, as a word), within a time limit: a silent answer, a hang, or
+an error that does not say which argument was wrong fails the test. Mutations that are
+legitimately valid for an argument (``cached=0``, ``max_delay=inf``...) are listed in the
+entry's ``allow``; arguments the sweep cannot mutate meaningfully are in ``skip`` with
+the reason. ``test_every_public_function_is_covered`` fails when a module gains a public
+function without a sweep entry. A few targeted cases from issue 12 are in ``SPECIFIC``.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import re
+import signal
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from utils import hardware, models, roofline, serving, tiny
+from utils import paged_kv as pk
+from utils import speculative as sp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: Library modules swept. Not swept, and why:
+#:   validate  -- the validators themselves (tests/test_validate.py);
+#:   dist      -- launches processes (tests/test_dist.py; owned by the launcher work);
+#:   grade, labgen, nbrun, checks -- the course framework, tested by their own suites.
+MODULES = ("hardware", "models", "roofline", "bench", "memory", "collectives", "parallelism",
+           "zero", "recompute", "inference_cost", "paged_kv", "serving", "speculative",
+           "tiny", "tiny_corpus", "plots")
+
+#: Mutations valid for every argument of this name: any integer seeds a generator.
+ALLOW_BY_NAME = {"seed": {"zero", "neg"}}
+
+TIME_LIMIT = 3.0      # seconds per call: a bad argument must not make a function spin
+
+
+# ----------------------------------------------------------------------------------------
+# Shared valid objects (small, deterministic)
+# ----------------------------------------------------------------------------------------
+CFG = tiny.TinyConfig(vocab=44, n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48,
+                      max_seq_len=32)
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return tiny.TinyTransformer(CFG).eval()
+
+
+_MODEL = None
+
+
+def model():
+    global _MODEL
+    if _MODEL is None:
+        _MODEL = _tiny_model()
+    return _MODEL
+
+
+def _g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _pq():
+    return (torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.5, 0.3]))
+
+
+def _paged():
+    g = _g(3)
+    kp = torch.randn(6, 2, 2, 3, generator=g)
+    vp = torch.randn(6, 2, 2, 3, generator=g)
+    q = torch.randn(2, 4, 3, generator=g)
+    return dict(q=q, k_pool=kp, v_pool=vp, block_tables=torch.tensor([[4, 1, 0], [2, 5, 5]]),
+                lengths=torch.tensor([5, 3]))
+
+
+UNIT = serving.CostModel(decode_base=1.0, decode_per_seq=0.0, prefill_base=1.0,
+                         prefill_per_token=0.0)
+
+
+def _reqs():
+    return serving.make_trace(3, 10.0, seed=1, median_out=3, max_out=4)
+
+
+def _completions():
+    return serving.simulate_colocated(_reqs(), UNIT, 1, 2)
+
+
+def _orders():
+    from utils import parallelism
+    return parallelism.pipeline_orders("1f1b", 2, 4)
+
+
+def _schedule():
+    from utils import parallelism
+    return parallelism.schedule("1f1b", 2, 4)
+
+
+def _markov():
+    return sp.MarkovLM.random_pair(vocab=4, seed=1)
+
+
+# ----------------------------------------------------------------------------------------
+# Sweep entries
+# ----------------------------------------------------------------------------------------
+@dataclass
+class E:
+    base: Callable[[], dict]                # fresh valid keyword arguments
+    allow: dict = field(default_factory=dict)   # arg -> mutation kinds that are valid input
+    skip: dict = field(default_factory=dict)    # arg -> reason it is not mutated
+    varargs: tuple = ()                     # names passed positionally (before *args)
+    run_base: bool = True                   # False for measurements (slow on a busy box)
+
+
+def kw(**k):
+    return lambda: dict(k)
+
+
+SWEEP: dict[str, E] = {
+    # -- hardware, models ---------------------------------------------------------------
+    "hardware.names": E(kw()),
+    "hardware.get": E(kw(name="H100")),
+    "hardware.link": E(kw(name="NVLink 4")),
+    "hardware.ridge_point": E(kw(spec="H100", dtype="bf16")),
+    "hardware.attainable_flops": E(kw(intensity=10.0, peak_flops=1e15, bandwidth=1e12),
+                                   allow={"intensity": {"zero"}}),
+    "models.names": E(kw()),
+    "models.get": E(kw(name="llama2-7b")),
+    # -- roofline ------------------------------------------------------------------------
+    "roofline.add": E(kw(n=1000, bytes_per_element=4)),
+    "roofline.reduce_sum": E(kw(n=1000, bytes_per_element=4)),
+    "roofline.softmax": E(kw(rows=8, cols=16, bytes_per_element=4)),
+    "roofline.layer_norm": E(kw(rows=8, cols=16, bytes_per_element=4)),
+    "roofline.gemv": E(kw(m=8, n=16, bytes_per_element=4)),
+    "roofline.gemm": E(kw(m=8, n=16, k=32, bytes_per_element=4)),
+    "roofline.attention_decode": E(kw(model="llama2-7b", context=128, batch=2,
+                                      bytes_per_element=2)),
+    "roofline.attainable": E(kw(intensity=10.0, peak_flops=1e15, bandwidth=1e12),
+                             allow={"intensity": {"zero"}}),
+    "roofline.bound": E(kw(intensity=10.0, peak_flops=1e15, bandwidth=1e12),
+                        allow={"intensity": {"zero"}}),
+    # -- bench (measurements: bad arguments must be refused before anything runs) --------
+    "bench.quick": E(kw()),
+    "bench.torch_dtype": E(kw(dtype="fp32")),
+    "bench.time_fn": E(kw(fn=lambda: None, min_run_time=0.001)),
+    "bench.matmul_flops": E(kw(n=16, dtype="fp32"), run_base=False),
+    "bench.peak_flops": E(kw(dtype="fp32"), run_base=False),
+    "bench.stream_bandwidth": E(kw(kind="triad", n_bytes=1 << 16), run_base=False),
+    "bench.peak_bandwidth": E(kw(), run_base=False),
+    "bench.cache_sweep": E(kw(sizes=[1 << 14, 1 << 15]), run_base=False),
+    "bench.machine_name": E(kw()),
+    "bench.clear_cache": E(kw()),
+    # -- memory ----------------------------------------------------------------------------
+    "memory.tensor_shapes": E(kw(model="llama2-7b")),
+    "memory.param_count": E(kw(model_or_params="llama2-7b"),
+                                  allow={"model_or_params": {"type"}}),
+    "memory.weights_bytes": E(kw(model_or_params="llama2-7b", bytes_per_param=2),
+                                  allow={"model_or_params": {"type"}}),
+    "memory.gradient_bytes": E(kw(model_or_params="llama2-7b", bytes_per_grad=2),
+                                  allow={"model_or_params": {"type"}}),
+    "memory.optimizer_bytes": E(kw(model_or_params="llama2-7b", optimizer="adamw"),
+                                  allow={"model_or_params": {"type"}}),
+    "memory.optimizer_bytes_per_param": E(kw(optimizer="adamw")),
+    "memory.zero_bytes_per_device": E(kw(params=7_000_000_000, stage=1, dp=8,
+                                         optimizer_bytes_per_param=12),
+                                      allow={"stage": {"zero"}}),
+    "memory.zero_comm_bytes_per_step": E(kw(params=7_000_000_000, stage=1, dp=8),
+                                         allow={"stage": {"zero"}}),
+    "memory.activation_breakdown_per_layer": E(kw(seq_len=2048, batch=1, hidden=4096, heads=32)),
+    "memory.activation_bytes_per_layer": E(kw(seq_len=2048, batch=1, hidden=4096, heads=32)),
+    "memory.logits_bytes": E(kw(seq_len=2048, batch=1, vocab=32000)),
+    "memory.kv_cache_bytes_per_token": E(kw(model="llama2-7b")),
+    "memory.kv_cache_bytes": E(kw(model="llama2-7b", seq_len=2048, batch=1)),
+    "memory.training_bytes_per_device": E(kw(model="llama2-7b", seq_len=2048, micro_batch=1,
+                                             tp=2)),
+    "memory.inference_bytes": E(kw(model="llama2-7b", seq_len=2048, batch=1),
+                                allow={"seq_len": {"zero"}}),
+    "memory.min_gpus": E(kw(model="llama2-7b", gpu="H100", workload="inference", seq_len=2048,
+                            batch=1)),
+    # -- collectives -----------------------------------------------------------------------
+    "collectives.busbw_factor": E(kw(collective="all_reduce", n=8)),
+    "collectives.algbw": E(kw(nbytes=1e6, seconds=1e-3), allow={"nbytes": {"zero"}}),
+    "collectives.busbw": E(kw(collective="all_reduce", nbytes=1e6, seconds=1e-3, n=8),
+                          allow={"nbytes": {"zero"}}),
+    "collectives.ring_cost": E(kw(collective="all_reduce", n=8, nbytes=1e6),
+                               allow={"nbytes": {"zero"}}),
+    "collectives.all_reduce_cost": E(kw(algorithm="ring", n=8, nbytes=1e6),
+                                     allow={"nbytes": {"zero"}}),
+    "collectives.fit_alpha_beta": E(kw(steps=[2, 4, 8], nbytes=[1e3, 1e4, 1e5],
+                                       times=[1e-5, 3e-5, 2e-4])),
+    "collectives.crossover_size": E(kw(alpha=1e-6, beta=1e-9, n=8)),
+    "collectives.count_sends": E(kw()),
+    # -- parallelism -----------------------------------------------------------------------
+    "parallelism.collective_bytes": E(kw(collective="all_reduce", payload=1e6, n=8),
+                                      allow={"payload": {"zero"}}),
+    "parallelism.dp_bytes_per_step": E(kw(params=7_000_000_000, dp=8, bytes_per_grad=2)),
+    "parallelism.tp_collectives_per_layer": E(kw(sequence_parallel=False)),
+    "parallelism.tp_bytes_per_layer": E(kw(tokens=4096, hidden=4096, tp=8)),
+    "parallelism.pp_bytes_per_microbatch": E(kw(tokens=4096, hidden=4096, tp=2)),
+    "parallelism.comm_per_step": E(kw(model="llama2-7b", seq_len=4096, micro_batch=1, n_micro=8,
+                                      tp=2, pp=2, dp=2), allow={"zero_stage": {"zero"}}),
+    "parallelism.bubble_fraction": E(kw(p=4, m=8, v=1)),
+    "parallelism.pipeline_orders": E(kw(kind="1f1b", p=2, m=4)),
+    "parallelism.assign_slots": E(lambda: dict(orders=_orders())),
+    "parallelism.schedule": E(kw(kind="1f1b", p=2, m=4)),
+    "parallelism.idle_fraction": E(lambda: dict(sched=_schedule())),
+    "parallelism.plot_timeline": E(lambda: dict(sched=_schedule()),
+                                   skip={"ax": "a matplotlib Axes or None"}),
+    "parallelism.bucket_assignment": E(kw(nbytes=[100, 200, 300], cap_bytes=250)),
+    # -- zero ------------------------------------------------------------------------------
+    "zero.counting_allreduce_hook": E(kw()),
+    "zero.storage_bytes": E(lambda: dict(tensors=[torch.zeros(3), torch.zeros(2)])),
+    "zero.lab_model": E(kw()),
+    "zero.units": E(lambda: dict(model=__import__("utils.zero").zero.lab_model())),
+    "zero.micro_batch": E(kw(step=0, rank=0, batch=4), allow={"step": {"zero"}, "rank": {"zero"}}),
+    "zero.global_batch": E(kw(step=0, world_size=2, batch=4), allow={"step": {"zero"}}),
+    "zero.loss_fn": E(lambda: dict(zip(("model", "tokens", "targets"),
+                                       (__import__("utils.zero").zero.lab_model(),
+                                        *__import__("utils.zero").zero.micro_batch(0, 0))))),
+    "zero.flat_params": E(lambda: dict(module=torch.nn.Linear(2, 2))),
+    "zero.reference_run": E(kw(steps=1, world_size=2), allow={"steps": {"zero"}}),
+    "zero.train_worker": E(kw(rank=0, world_size=1, engine_factory=lambda *a, **k: None, steps=1),
+                           run_base=False,
+                           skip={"engine_factory": "runs inside a launched process group",
+                                 "hp": "a mapping of optimizer settings",
+                                 "config": "a TinyConfig", "dtype": "a torch dtype"},
+                           allow={"rank": {"zero"}, "steps": {"zero"}}),
+    # -- recompute -------------------------------------------------------------------------
+    "recompute.saved_bytes": E(lambda: dict(fn=lambda x: (x * 2).sum(),
+                                            args=(torch.ones(3, requires_grad=True),)),
+                               varargs=("fn", "*args"), skip={"ignore": "optional tensors"}),
+    "recompute.measure_step": E(lambda: dict(fn=lambda x: (x * x).sum(),
+                                             args=(torch.ones(3, requires_grad=True),)),
+                                varargs=("fn", "*args"),
+                                allow={"seed": {"zero"}}, skip={"ignore": "optional tensors"}),
+    "recompute.mlp_stack": E(kw(n=2, width=8, ratio=2, seed=0), allow={"seed": {"zero"}}),
+    "recompute.run_blocks": E(lambda: dict(blocks=[torch.nn.Linear(4, 4)], x=torch.ones(2, 4)),
+                              allow={"x": {"shape"}}),
+    "recompute.attention_core": E(lambda: dict(q=torch.ones(1, 2, 3, 4), k=torch.ones(1, 2, 3, 4),
+                                               v=torch.ones(1, 2, 3, 4)),
+                                  allow={a: {"shape"} for a in "qkv"}),
+    "recompute.segment_sizes": E(kw(n=8, k=3)),
+    "recompute.segment_memory": E(kw(sizes=[3, 3, 2], input_bytes=100, block_bytes=100)),
+    "recompute.best_segments": E(kw(n=8, input_bytes=100, block_bytes=100)),
+    "recompute.continuous_optimum": E(kw(n=8, input_bytes=100.0, block_bytes=100.0)),
+    "recompute.checkpoint_segments": E(lambda: dict(blocks=[torch.nn.Linear(4, 4)] * 2,
+                                                    x=torch.ones(2, 4, requires_grad=True), k=2),
+                                       allow={"x": {"shape"}}),
+    "recompute.layer_forward_flops": E(kw(seq_len=16, batch=2, hidden=8)),
+    "recompute.recompute_overhead": E(kw(seq_len=2048, hidden=4096, recompute="full")),
+    # -- inference_cost ----------------------------------------------------------------------
+    "inference_cost.as_spec": E(kw(model="llama2-7b")),
+    "inference_cost.step_cost": E(kw(model="llama2-7b", batch=2, new=4, cached=8),
+                                  allow={"cached": {"zero"}}),
+    "inference_cost.prefill_cost": E(kw(model="llama2-7b", batch=2, prompt_len=16)),
+    "inference_cost.decode_cost": E(kw(model="llama2-7b", batch=2, context=16),
+                                    allow={"context": {"zero"}}),
+    "inference_cost.decode_intensity_limit": E(kw(model="llama2-7b", context=16),
+                                               allow={"context": {"zero"}}),
+    "inference_cost.decode_knee_batch": E(kw(model="llama2-7b", peak_flops=1e15, bandwidth=3e12,
+                                             context=16), allow={"context": {"zero"}}),
+    "inference_cost.step_time": E(lambda: dict(cost=roofline.KernelCost(1e12, 1e9), gpu="H100")),
+    "inference_cost.max_decode_batch": E(kw(model="llama2-7b", gpu="H100", context=1024)),
+    "inference_cost.usd_per_million_tokens": E(kw(tokens_per_second=1000.0,
+                                                  usd_per_gpu_hour=2.0),
+                                               allow={"usd_per_gpu_hour": {"zero"}}),
+    # -- paged_kv ----------------------------------------------------------------------------
+    "paged_kv.blocks_needed": E(kw(n_tokens=10, block_size=4), allow={"n_tokens": {"zero"}}),
+    "paged_kv.gather_kv": E(lambda: dict(pool=torch.arange(24.0).reshape(6, 1, 2, 2), table=[2, 0],
+                                         n_tokens=3), allow={"n_tokens": {"zero"}}),
+    "paged_kv.paged_attention": E(_paged),
+    "paged_kv.request_trace": E(kw(n=5), allow={"seed": {"zero"}}),
+    "paged_kv.kv_usage": E(kw(trace=[(3, 2), (5, 1)], scheme="paged", max_len=8, block_size=4)),
+    "paged_kv.max_concurrent": E(lambda: dict(usage=pk.kv_usage([(3, 2)], "max", max_len=8),
+                                              budget_slots=100), allow={"budget_slots": {"zero"}}),
+    "paged_kv.run_batch": E(lambda: dict(model=model(), prompts=[[1, 2, 3]],
+                                         make_cache=lambda i: tiny.ContiguousKVCache(CFG),
+                                         held_slots=lambda caches: 0, max_new_tokens=2),
+                            skip={"stop_token": "optional", "release": "optional callback"}),
+    "paged_kv.draw_block_tables": E(lambda: _block_tables(), skip={"ax": "an Axes or None"}),
+    # -- serving -----------------------------------------------------------------------------
+    "serving.make_trace": E(kw(n=3, rate=10.0), allow={"n": {"zero"}, "seed": {"zero"}}),
+    "serving.measure_step_times": E(lambda: dict(model=model(), batches=(1,), prompt_lens=(4,),
+                                                 context=4, min_run_time=0.001), run_base=False),
+    "serving.gpu_cost_model": E(kw(model_name="llama2-7b", gpu_name="H100")),
+    "serving.next_batch": E(kw(arrivals=[0.1, 0.5], now=0.0, max_batch=4, max_delay=1.0),
+                            allow={"now": {"zero"}, "max_delay": {"zero", "inf"}}),
+    "serving.chunk_plan": E(kw(n_decode=1, remaining=[3], token_budget=4),
+                            allow={"n_decode": {"zero"}}),
+    "serving.serve_batched": E(lambda: dict(model=None, requests=_reqs(), max_batch=2,
+                                            max_delay=0.1, clock=serving.VirtualClock(UNIT)),
+                               allow={"max_delay": {"zero", "inf"}},
+                               skip={"model": "None simulates"}),
+    "serving.serve_continuous": E(lambda: dict(model=None, requests=_reqs(), max_batch=2,
+                                               clock=serving.VirtualClock(UNIT)),
+                                  skip={"model": "None simulates"}),
+    "serving.ttft": E(lambda: dict(c=_completions()[0])),
+    "serving.tpot": E(lambda: dict(c=_completions()[0])),
+    "serving.summarize": E(lambda: dict(completions=_completions())),
+    "serving.slo_attainment": E(lambda: dict(completions=_completions(), ttft_slo=5.0,
+                                             tpot_slo=2.0), allow={"ttft_slo": {"inf"},
+                                                                   "tpot_slo": {"inf"}}),
+    "serving.goodput": E(lambda: dict(results_by_rate={1.0: _completions()}, ttft_slo=5.0,
+                                      tpot_slo=2.0), allow={"ttft_slo": {"inf"},
+                                                            "tpot_slo": {"inf"}}),
+    "serving.simulate_colocated": E(lambda: dict(requests=_reqs(), cost=UNIT, n_instances=1,
+                                                 max_batch=2)),
+    "serving.simulate_disaggregated": E(lambda: dict(requests=_reqs(), cost=UNIT, n_prefill=1,
+                                                     n_decode=1, max_batch=2,
+                                                     kv_bytes_per_token=100.0,
+                                                     link_bandwidth=100.0, link_latency=0.1),
+                                        allow={"kv_bytes_per_token": {"zero"},
+                                               "link_latency": {"zero"}}),
+    "serving.saturate": E(lambda: dict(requests=_reqs())),
+    "serving.simulate": E(lambda: dict(scheduler="chunked", requests=_reqs(), cost=UNIT,
+                                       max_batch=2, max_delay=0.1, token_budget=4),
+                          allow={"max_delay": {"zero", "inf", "neg", "nan", "type"}}),
+    "serving.saturation_throughput": E(lambda: dict(scheduler="chunked", requests=_reqs(),
+                                                    cost=UNIT, max_batch=2, max_delay=0.1,
+                                                    token_budget=4),
+                                       allow={"max_delay": {"zero", "inf", "neg", "nan",
+                                                            "type"}}),
+    "serving.plot_timeline": E(lambda: _serving_timeline(), skip={"ax": "an Axes or None"},
+                               allow={"title": {"name"}}),
+    # -- speculative -------------------------------------------------------------------------
+    "speculative.expected_tokens": E(kw(alpha=0.8, gamma=4), allow={"alpha": {"zero"},
+                                                                    "gamma": {"zero"}}),
+    "speculative.speedup": E(kw(alpha=0.8, gamma=4, c=0.1), allow={"alpha": {"zero"},
+                                                                   "c": {"zero"}}),
+    "speculative.optimal_gamma": E(kw(alpha=0.8, c=0.1), allow={"alpha": {"zero"}}),
+    "speculative.probs": E(lambda: dict(logits=torch.tensor([1.0, 2.0, 0.5]), temperature=1.0),
+                           allow={"logits": {"shape"}}),
+    "speculative.acceptance_probability": E(lambda: dict(zip("pq", _pq())),
+                                            allow={"p": {"shape"}, "q": {"shape"}}),
+    "speculative.residual": E(lambda: dict(zip("pq", _pq())),
+                              allow={"p": {"shape"}, "q": {"shape"}}),
+    "speculative.accept_or_resample": E(lambda: dict(**dict(zip("pq", _pq())), x=1,
+                                                     generator=_g()),
+                                        allow={"x": {"zero"}}),
+    "speculative.always_accept": E(lambda: dict(**dict(zip("pq", _pq())), x=1),
+                                   allow={"x": {"zero"}}),
+    "speculative.acceptance_rate": E(lambda: dict(zip("pq", _pq())),
+                                     allow={"p": {"shape"}, "q": {"shape"}}),
+    "speculative.speculative_generate": E(lambda: dict(zip(("target", "draft"), _markov()),
+                                                       prompt_tokens=[1, 2], max_new_tokens=3,
+                                                       gamma=2, generator=_g()),
+                                          allow={"max_new_tokens": {"zero"},
+                                                 "temperature": {"zero"}},
+                                          skip={"accept": "optional rule"}),
+    "speculative.lookup_draft": E(kw(context=[1, 2, 3, 1, 2], gamma=2, max_ngram=2),
+                                  allow={"context": {"elem_neg"}}),
+    "speculative.prompt_lookup_generate": E(lambda: dict(target=_markov()[0],
+                                                         prompt_tokens=[1, 2, 1], max_new_tokens=3,
+                                                         gamma=2),
+                                            allow={"max_new_tokens": {"zero"}}),
+    "speculative.measure_alpha": E(lambda: dict(zip(("target", "draft"), _markov()),
+                                                tokens=[1, 2, 3, 0, 1, 2], window=4)),
+    "speculative.decode_step_times": E(lambda: dict(models=[model()], context_tokens=[1, 2, 3],
+                                                    steps=2, repeats=1)),
+    "speculative.measure_speedup": E(lambda: dict(zip(("target", "draft"), _markov()),
+                                                  prompts=[[1, 2]], max_new_tokens=2, gammas=[2],
+                                                  repeats=1), allow={"seed": {"zero"}},
+                                     skip={"loops": "optional mapping of loops"}),
+    "speculative.chi_square": E(kw(counts=[30, 20], expected_probs=[0.5, 0.5])),
+    # -- tiny --------------------------------------------------------------------------------
+    "tiny.causal_mask": E(lambda: dict(q_positions=torch.arange(3)[None], n_keys=3)),
+    "tiny.attention": E(lambda: dict(q=torch.ones(1, 4, 3, 8), k=torch.ones(1, 2, 3, 8),
+                                     v=torch.ones(1, 2, 3, 8),
+                                     mask=tiny.causal_mask(torch.arange(3)[None], 3)),
+                        allow={"mask": {"shape"}}),
+    "tiny.rope_tables": E(kw(head_dim=8, max_seq_len=16, theta=10000.0)),
+    "tiny.apply_rope": E(lambda: dict(x=torch.ones(1, 2, 3, 8),
+                                      **dict(zip(("cos", "sin"), tiny.rope_tables(8, 3, 1e4)))),
+                         allow={"x": {"shape"}}),
+    "tiny.sample_next": E(lambda: dict(logits=torch.tensor([[1.0, 2.0, 0.5]]), temperature=0.7,
+                                       generator=_g()),
+                          allow={"temperature": {"zero"}, "logits": {"shape"}}),
+    "tiny.generate": E(lambda: dict(model=model(), prompt_tokens=[1, 2, 3], max_new_tokens=2),
+                       allow={"max_new_tokens": {"zero"}, "prompt_tokens": {"elem_nan"}},
+                       skip={"cache_factory": "optional factory", "stop_token": "optional"}),
+    "tiny.save": E(lambda: dict(model=model(), path=_tmp_path() / "m.safetensors"),
+                   skip={"extra": "optional metadata"}),
+    "tiny.weights_path": E(kw(name="tiny-draft")),
+    "tiny.metadata": E(kw(name="tiny-draft")),
+    "tiny.load": E(kw(name="tiny-draft")),
+    # -- tiny_corpus ---------------------------------------------------------------------------
+    "tiny_corpus.document": E(lambda: dict(rng=__import__("random").Random(0))),
+    "tiny_corpus.generate_text": E(kw(n_chars=100, seed=0), allow={"seed": {"zero"}}),
+    "tiny_corpus.train_text": E(kw(n_chars=100)),
+    "tiny_corpus.heldout_text": E(kw(n_chars=100)),
+    "tiny_corpus.prompts": E(kw(n=2, seed=1), allow={"seed": {"zero"}, "n": {"zero"}}),
+    # -- plots ---------------------------------------------------------------------------------
+    "plots.use_style": E(kw()),
+    "plots.si": E(kw(value=1.5e9, unit="B/s", digits=3),
+                  allow={"value": {"zero", "neg", "inf"}, "unit": {"name"}}),
+    "plots.roof_from_spec": E(kw(spec="H100", dtype="bf16")),
+    "plots.roofline": E(lambda: dict(roofs=[__import__("utils.plots").plots.Roof("x", 1e12, 1e11)]),
+                        skip={"ax": "an Axes or None", "title": "free text"}),
+}
+
+
+def _block_tables():
+    m = pk.BlockManager(8, block_size=2)
+    m.append_slots("a", 3)
+    return dict(manager=m, seqs=["a"])
+
+
+def _serving_timeline():
+    reqs = _reqs()
+    clock = serving.VirtualClock(UNIT)
+    out = serving.serve_continuous(None, reqs, 2, clock)
+    return dict(requests=reqs, completions=out, log=clock.log)
+
+
+_TMP = []
+
+
+def _tmp_path():
+    import pathlib
+    import tempfile
+    if not _TMP:
+        _TMP.append(tempfile.TemporaryDirectory())
+    return pathlib.Path(_TMP[0].name)
+
+
+# ----------------------------------------------------------------------------------------
+# Mutations
+# ----------------------------------------------------------------------------------------
+def _spec_types():
+    return (hardware.GPUSpec, models.ModelSpec)
+
+
+def mutations(value):
+    """(kind, bad value) pairs for an argument whose valid value is ``value``."""
+    if value is None or isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float, np.number)):
+        return [("nan", math.nan), ("inf", math.inf), ("neg", -1), ("zero", 0), ("type", "3")]
+    if isinstance(value, str):
+        return [("name", "no-such-name"), ("type", 3)]
+    if isinstance(value, torch.Tensor):
+        other = torch.int64 if value.is_floating_point() else torch.float32
+        return [("type", value.tolist()), ("shape", value[None]), ("dtype", value.to(other))]
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        nan = list(value)
+        nan[0] = math.nan
+        neg = list(value)
+        neg[0] = -1
+        return [("elem_nan", type(value)(nan)), ("elem_neg", type(value)(neg)), ("type", 3)]
+    return [("type", 3)]
+
+
+def _call(fn, kwargs, varargs):
+    if not varargs:
+        return fn(**kwargs)
+    kwargs = dict(kwargs)
+    head = [kwargs.pop(n) for n in varargs if n != "*args"]
+    return fn(*head, *kwargs.pop("args", ()), **kwargs)
+
+
+class Hang(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise Hang()
+
+
+def _timed(fn, kwargs, varargs):
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT)
+    try:
+        return _call(fn, kwargs, varargs)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _resolve(qualname):
+    mod, name = qualname.split(".")
+    return getattr(importlib.import_module(f"utils.{mod}"), name)
+
+
+def _names_arg(message: str, arg: str) -> bool:
+    return re.search(rf"(?<![A-Za-z0-9_]){re.escape(arg)}(?![A-Za-z0-9_])", message,
+                     re.IGNORECASE) is not None
+
+
+def sweep_one(qualname: str) -> list[str]:
+    """Problems found for one function (empty when it refuses every bad input properly)."""
+    entry = SWEEP[qualname]
+    fn = _resolve(qualname)
+    problems = []
+    if entry.run_base:
+        try:
+            _timed(fn, entry.base(), entry.varargs)
+        except Exception as e:          # the table itself is wrong
+            return [f"valid call failed: {type(e).__name__}: {e}"]
+    for arg, value in entry.base().items():
+        if arg in entry.skip or arg == "args":
+            continue
+        label = "args" if arg == "args" else arg
+        for kind, bad in mutations(value):
+            if kind in entry.allow.get(arg, ()) or kind in ALLOW_BY_NAME.get(arg, ()):
+                continue
+            kwargs = entry.base()
+            kwargs[arg] = bad
+            what = f"{arg}={kind}"
+            try:
+                _timed(fn, kwargs, entry.varargs)
+            except Hang:
+                problems.append(f"{what}: no answer within {TIME_LIMIT} s")
+            except (ValueError, TypeError) as e:
+                if label != "args" and not _names_arg(str(e), label):
+                    problems.append(f"{what}: {type(e).__name__} does not name {arg!r}: {e}")
+            except Exception as e:
+                problems.append(f"{what}: {type(e).__name__} (not ValueError/TypeError): {e}")
+            else:
+                problems.append(f"{what}: returned without an error")
+    return problems
+
+
+def public_functions(modname: str) -> list[str]:
+    mod = importlib.import_module(f"utils.{modname}")
+    return sorted(f"{modname}.{n}" for n, o in vars(mod).items()
+                  if not n.startswith("_") and inspect.isfunction(o)
+                  and o.__module__ == mod.__name__)
+
+
+def test_every_public_function_is_covered():
+    public = {q for m in MODULES for q in public_functions(m)}
+    missing = sorted(public - set(SWEEP))
+    stale = sorted(set(SWEEP) - public)
+    assert not missing, f"public functions without a sweep entry: {missing}"
+    assert not stale, f"sweep entries for functions that no longer exist: {stale}"
+
+
+#: Functions whose fixes have not landed yet (expected to fail; strict, so a fix that
+#: lands without removing the name here is noticed).
+PENDING = set("""
+speculative.decode_step_times speculative.measure_speedup serving.saturate serving.saturation_throughput serving.simulate collectives.crossover_size collectives.fit_alpha_beta collectives.ring_cost inference_cost.decode_knee_batch inference_cost.prefill_cost inference_cost.step_time inference_cost.usd_per_million_tokens paged_kv.draw_block_tables paged_kv.gather_kv paged_kv.max_concurrent paged_kv.paged_attention paged_kv.request_trace paged_kv.run_batch parallelism.bubble_fraction parallelism.bucket_assignment parallelism.collective_bytes parallelism.comm_per_step parallelism.dp_bytes_per_step parallelism.idle_fraction parallelism.pipeline_orders parallelism.plot_timeline parallelism.pp_bytes_per_microbatch parallelism.schedule parallelism.tp_bytes_per_layer plots.roof_from_spec plots.roofline plots.si recompute.attention_core recompute.best_segments recompute.checkpoint_segments recompute.continuous_optimum recompute.measure_step recompute.mlp_stack recompute.run_blocks recompute.saved_bytes recompute.segment_memory serving.chunk_plan serving.goodput serving.gpu_cost_model serving.measure_step_times serving.next_batch serving.plot_timeline serving.serve_batched serving.serve_continuous serving.simulate_colocated serving.simulate_disaggregated serving.slo_attainment serving.summarize serving.tpot serving.ttft speculative.accept_or_resample speculative.acceptance_probability speculative.acceptance_rate speculative.always_accept speculative.chi_square speculative.lookup_draft speculative.measure_alpha speculative.optimal_gamma speculative.probs speculative.prompt_lookup_generate speculative.residual speculative.speculative_generate speculative.speedup tiny.apply_rope tiny.attention tiny.causal_mask tiny.generate tiny.load tiny.metadata tiny.rope_tables tiny.sample_next tiny.save tiny.weights_path tiny_corpus.document tiny_corpus.generate_text tiny_corpus.prompts zero.flat_params zero.global_batch zero.loss_fn zero.micro_batch zero.reference_run zero.storage_bytes zero.train_worker zero.units
+""".split())
+
+
+@pytest.mark.parametrize("qualname", sorted(SWEEP))
+def test_bad_inputs_are_refused_by_name(qualname):
+    if qualname in PENDING:
+        pytest.xfail("fix pending") if sweep_one(qualname) else \
+            pytest.fail(f"{qualname} passes the sweep now: remove it from PENDING")
+    problems = sweep_one(qualname)
+    assert not problems, f"{qualname}:\n  " + "\n  ".join(problems)
