@@ -283,14 +283,16 @@ def test_crossover_at_two_ranks_must_be_infinite():
         check.alpha_beta(right_fit, no_inf, model_sweep())
 
 
-def test_sweep_that_contradicts_the_fit_at_small_sizes_fails():
+def test_sweep_that_contradicts_the_fit_at_small_sizes_warns(capsys):
     # the ring measured 5x faster than recursive doubling at 1 KiB, where it takes 6 messages
-    # to 2: a fit to the rest of the sweep cannot agree, so the measurement is reported
+    # to 2: a fit to the rest of the sweep cannot agree; the fit itself is right, so the
+    # measurement is what is off: a warning, and the exercise passes on its logic
     sweep = model_sweep()
     sweep["ring"][0] = sweep["recursive_doubling"][0] / 5
-    with pytest.raises(ExerciseFailed) as e:
-        check.alpha_beta(right_fit, right_crossover, sweep)
-    assert "smallest size" in three_parts(e.value, "alpha_beta")
+    check.alpha_beta(right_fit, right_crossover, sweep)
+    out = capsys.readouterr().out
+    assert "✔ alpha_beta: passed" in out
+    assert "⚠ measurement: the fitted model at the smallest size" in out and "quieter" in out
 
 
 def test_large_end_disagreement_is_reported_not_failed(capsys):

@@ -98,17 +98,23 @@ def test_knee_from_the_first_point_only_fails_on_noisy_data():
         check.find_knee(first_point)
 
 
-def test_sweeps_without_the_roofline_shape_fail():
+def test_sweeps_without_the_roofline_shape_warn_and_pass(capsys):
+    """The shape of a measured sweep depends on the machine: a warning, never a failure."""
     b = [1, 2, 4, 8, 16, 32, 64, 128]
     good = [min(1e9 * x, 8e9) for x in b]
     check.decode_sweep(b, good, 8, right_knee(b, good))
-    with pytest.raises(ExerciseFailed, match="did not rise"):
-        check.decode_sweep(b, [1e9] * 8, 8, 1.0)
-    with pytest.raises(ExerciseFailed, match="not flattened"):
-        rising = [1e9 * x for x in b]
-        check.decode_sweep(b, rising, 8, right_knee(b, rising))
-    with pytest.raises(ExerciseFailed, match="far from the prediction"):
-        check.decode_sweep(b, good, 100, right_knee(b, good))
+    assert "⚠" not in capsys.readouterr().out
+    rising = [1e9 * x for x in b]
+    for args, warning in [((b, [1e9] * 8, 8, 1.0), "did not rise"),
+                          ((b, rising, 8, right_knee(b, rising)), "not flattened"),
+                          ((b, good, 100, right_knee(b, good)), "far from the prediction")]:
+        check.decode_sweep(*args)
+        out = capsys.readouterr().out
+        assert "✔ decode_sweep: passed" in out and f"⚠ measurement: " in out and warning in out
+    with pytest.raises(ExerciseFailed, match="at least 4 batches"):   # the logic still fails
+        check.decode_sweep(b[:3], good[:3], 8, 2.0)
+    with pytest.raises(ExerciseFailed, match="predicted knee"):
+        check.decode_sweep(b, good, None, 8.0)
 
 
 def _time_step(model, phase, batch, context, scale=1.0):
@@ -125,9 +131,16 @@ def test_time_step_accepts_a_real_measurement_and_rejects_milliseconds():
         check.time_step(lambda m, p, b, c: _time_step(m, p, b, c, scale=1000.0))
 
 
-def test_a_time_far_from_the_checkers_fails():
-    with pytest.raises(ExerciseFailed, match="disagrees"):
-        check.time_step(lambda m, p, b, c: _time_step(m, p, 1, c) / 5)
+def test_a_time_far_from_the_checkers_warns_and_a_wrong_step_fails(capsys):
+    def fast(model, phase, batch, context):
+        if phase not in ("prefill", "decode"):
+            raise ValueError(phase)
+        return _time_step(model, phase, batch, context) / 5
+    check.time_step(fast)
+    out = capsys.readouterr().out
+    assert "✔ time_step: passed" in out and "⚠ measurement: " in out and "disagrees" in out
+    with pytest.raises(ExerciseFailed, match="times another step"):
+        check.time_step(lambda m, p, b, c: _time_step(m, p, b, c) / 100)   # units mixed up
 
 
 def test_stub_is_not_attempted():

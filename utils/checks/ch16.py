@@ -26,7 +26,8 @@ import torch
 from .. import bench, models
 from .. import inference_cost as ic
 from .. import tiny
-from . import exercise, expect_flops_bytes as _pair, expect_close, expect_type, fail
+from . import exercise, expect_close, expect_type, fail, measurement_warning
+from . import expect_flops_bytes as _pair
 
 
 def _tiny_spec():
@@ -231,14 +232,23 @@ def time_step(fn):
             if best_ref / 3 <= best_got <= 3 * best_ref:
                 break
         else:
-            hint = ("return seconds, not milliseconds" if best_got > 100 * best_ref else
-                    "decode: a cache of `batch` sequences holding context - 1 tokens, reset "
-                    "(truncate) before every step so the context stays fixed; prefill: "
-                    "`batch` prompts of `context` tokens into empty caches. Time with "
-                    "bench.time_fn and return .median")
-            fail(f"{what} disagrees with the checker's measurement",
-                 f"within 3x of {best_ref * 1e3:.3f} ms (the checker's best of 5)",
-                 f"{best_got * 1e3:.3f} ms (your best of 5)", hint)
+            ratio = best_got / best_ref
+            if ratio > 30 or ratio < 1 / 30:
+                # interleaved best-of-5 runs: load cannot make one side 30x slower
+                hint = ("return seconds, not milliseconds" if ratio > 100 else
+                        "decode: a cache of `batch` sequences holding context - 1 tokens, reset "
+                        "(truncate) before every step so the context stays fixed; prefill: "
+                        "`batch` prompts of `context` tokens into empty caches. Time with "
+                        "bench.time_fn and return .median")
+                fail(f"{what} times another step than the checker's",
+                     f"within 30x of {best_ref * 1e3:.3f} ms (the checker's best of 5, "
+                     "interleaved with yours)", f"{best_got * 1e3:.3f} ms (your best of 5)", hint)
+            measurement_warning(f"{what} disagrees with the checker's measurement",
+                                f"within 3x of {best_ref * 1e3:.3f} ms (the checker's best of 5)",
+                                f"{best_got * 1e3:.3f} ms (your best of 5, {ratio:.1f}x)",
+                                "a busy machine makes runs noisy; or the step timed is not quite "
+                                "the one asked for (cache reset before each step? batch and "
+                                "context as given?)")
         report.append(f"{phase} b={batch}: {best_got * 1e3:.2f} ms")
     _expect_value_error(lambda: fn(model, "train", 1, 8), "time_step(model, 'train', ...)",
                         "raise ValueError for a phase other than 'prefill' or 'decode'")
@@ -297,19 +307,23 @@ def decode_sweep(batches, flops_per_s, predicted, measured):
     if predicted is None:
         fail("the predicted knee", "a batch", "None",
              "on a CPU the ridge is a few FLOP/byte; use a short context so the weights dominate")
+    # The shape of a measured curve depends on the machine and its load: warnings.
     if max(y) < 3 * y[0]:
-        fail("throughput did not rise with the batch",
-             f"the best throughput at least 3x batch {b[0]}'s {y[0]:.3g} FLOP/s",
-             f"best {max(y):.3g} FLOP/s", "is the model bigger than the last-level cache, and "
-             "does the sweep reach batches well past the predicted knee?")
+        measurement_warning("throughput did not rise with the batch",
+                            f"the best throughput at least 3x batch {b[0]}'s {y[0]:.3g} FLOP/s",
+                            f"best {max(y):.3g} FLOP/s", "is the model bigger than the last-level "
+                            "cache, and does the sweep reach batches well past the predicted "
+                            "knee? A busy machine flattens the curve too")
     if b[-1] >= 2 * b[-2] and y[-1] > 1.5 * y[-2]:
-        fail("throughput has not flattened at the end of the sweep",
-             f"under 1.5x gain from batch {b[-2]} to {b[-1]}",
-             f"{y[-1] / y[-2]:.2f}x", "extend the sweep to larger batches")
+        measurement_warning("throughput has not flattened at the end of the sweep",
+                            f"under 1.5x gain from batch {b[-2]} to {b[-1]}",
+                            f"{y[-1] / y[-2]:.2f}x", "extend the sweep to larger batches; a "
+                            "slow first measurement at a small batch can do this too")
     if not predicted / 4 <= measured <= 4 * predicted:
-        fail("the measured knee is far from the prediction",
-             f"within 4x of the predicted batch {predicted}", f"{measured:.1f}",
-             "predict with this machine's fp32 peak and bandwidth (s = 4) at the sweep's "
-             "context; measure with the best of several interleaved repetitions")
+        measurement_warning("the measured knee is far from the prediction",
+                            f"within 4x of the predicted batch {predicted}", f"{measured:.1f}",
+                            "predict with this machine's fp32 peak and bandwidth (s = 4) at the "
+                            "sweep's context; measure with the best of several interleaved "
+                            "repetitions, when the machine is quiet")
     return (f"throughput x{max(y) / y[0]:.1f} from batch {b[0]} to the best; knee measured "
             f"{measured:.1f} vs predicted {predicted}")
