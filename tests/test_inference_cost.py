@@ -128,7 +128,7 @@ def test_bad_inputs_are_named():
         ic.decode_cost(m, 1, 0)
     with pytest.raises(ValueError, match="batch"):
         ic.prefill_cost(m, 0, 16)
-    with pytest.raises(ValueError, match="new"):
+    with pytest.raises(ValueError, match="prompt_len"):
         ic.prefill_cost(m, 1, 0)
     with pytest.raises(ValueError, match="bytes_per_element"):
         ic.decode_cost(m, 1, 8, 0)

@@ -44,6 +44,7 @@ from . import memory as _memory
 from . import models as _models
 from .models import ModelSpec
 from .roofline import KernelCost
+from .validate import check_number, resolve_gpu, resolve_model
 
 __all__ = ["BYTES_PER_ELEMENT", "as_spec", "step_cost", "prefill_cost", "decode_cost",
            "decode_intensity_limit", "decode_knee_batch", "step_time", "max_decode_batch",
@@ -80,7 +81,7 @@ def as_spec(model) -> ModelSpec:
     if isinstance(model, ModelSpec):
         return model
     if isinstance(model, str):
-        return _models.get(model)
+        return resolve_model(model)
     cfg = getattr(model, "config", model)
     needed = ("vocab", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "max_seq_len")
     if all(hasattr(cfg, f) for f in needed):
@@ -110,6 +111,7 @@ def step_cost(model, batch: int, new: int, cached: int = 0,
 
 def prefill_cost(model, batch: int, prompt_len: int, bytes_per_element: float = 2) -> KernelCost:
     """One prefill step: ``batch`` prompts of ``prompt_len`` tokens into empty caches."""
+    _count("prompt_len", prompt_len)
     return step_cost(model, batch, prompt_len, 0, bytes_per_element)
 
 
@@ -141,8 +143,8 @@ def decode_knee_batch(model, peak_flops: float, bandwidth: float, context: int,
 
     Returns None when no batch does (:func:`decode_intensity_limit` is below the ridge).
     """
-    if not peak_flops > 0 or not bandwidth > 0:
-        raise ValueError(f"peak_flops and bandwidth must be > 0, got {peak_flops!r}, {bandwidth!r}")
+    check_number("peak_flops", peak_flops, positive=True)
+    check_number("bandwidth", bandwidth, positive=True)
     ridge = peak_flops / bandwidth
     one = decode_cost(model, 1, context, bytes_per_element)
     weights = as_spec(model).matmul_params() * _bytes_per_element(bytes_per_element)
@@ -168,7 +170,9 @@ def step_time(cost: KernelCost, gpu, dtype: str = "bf16", n_gpus: int = 1) -> fl
     ``gpu`` is a :class:`utils.hardware.GPUSpec` or a registry name; ``dtype`` picks the
     dense peak. The step is assumed to split perfectly over the GPUs.
     """
-    spec = gpu if isinstance(gpu, _hardware.GPUSpec) else _hardware.get(gpu)
+    if not callable(getattr(cost, "time_on", None)):
+        raise TypeError(f"cost must be a KernelCost, got {type(cost).__name__}")
+    spec = resolve_gpu(gpu)
     n = _count("n_gpus", n_gpus)
     return cost.time_on(n * spec.flops(dtype), n * spec.memory_bandwidth)
 
@@ -180,10 +184,11 @@ def max_decode_batch(model, gpu, context: int, n_gpus: int = 1, bytes_per_elemen
     Capacity is ``usable_fraction`` of the GPUs' marketed memory; weights and KV cache
     both use ``bytes_per_element``. Returns 0 when the weights alone do not fit.
     """
-    spec = gpu if isinstance(gpu, _hardware.GPUSpec) else _hardware.get(gpu)
+    spec = resolve_gpu(gpu)
     m = as_spec(model)
     n = _count("n_gpus", n_gpus)
     ctx = _count("context", context)
+    check_number("usable_fraction", usable_fraction)
     if not 0 < usable_fraction <= 1:
         raise ValueError(f"usable_fraction must be in (0, 1], got {usable_fraction!r}")
     room = n * spec.memory_bytes * usable_fraction - _memory.weights_bytes(m, bytes_per_element)
@@ -194,9 +199,7 @@ def max_decode_batch(model, gpu, context: int, n_gpus: int = 1, bytes_per_elemen
 def usd_per_million_tokens(tokens_per_second: float, usd_per_gpu_hour: float,
                            n_gpus: int = 1) -> float:
     """Dollars per million tokens for ``n_gpus`` GPUs rented at ``usd_per_gpu_hour`` each."""
-    if not tokens_per_second > 0:
-        raise ValueError(f"tokens_per_second must be > 0, got {tokens_per_second!r}")
-    if not usd_per_gpu_hour >= 0:
-        raise ValueError(f"usd_per_gpu_hour must be >= 0, got {usd_per_gpu_hour!r}")
+    check_number("tokens_per_second", tokens_per_second, positive=True)
+    check_number("usd_per_gpu_hour", usd_per_gpu_hour, nonnegative=True)
     n = _count("n_gpus", n_gpus)
     return n * usd_per_gpu_hour / 3600 / tokens_per_second * 1e6

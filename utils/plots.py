@@ -13,6 +13,8 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .validate import check_int, check_number, resolve_gpu
+
 #: Colour cycle (colour-blind safe, Okabe-Ito).
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9",
            "#F0E442", "#000000"]
@@ -46,7 +48,15 @@ def use_style() -> None:
 
 
 def si(value: float, unit: str = "", digits: int = 3) -> str:
-    """Format ``value`` with an SI prefix: si(3.35e12, 'B/s') -> '3.35 TB/s'."""
+    """Format ``value`` with an SI prefix: si(3.35e12, 'B/s') -> '3.35 TB/s'.
+
+    NaN and infinity are shown as ``nan`` and ``inf``, so a missing figure is visible.
+    """
+    if value == value:                       # NaN is shown, anything else must be a number
+        check_number("value", value, finite=False)
+    if not isinstance(unit, str):
+        raise TypeError(f"unit must be a string, got {type(unit).__name__} {unit!r}")
+    check_int("digits", digits, low=1)
     if value == 0 or not np.isfinite(value):
         return f"{value:g} {unit}".strip()
     prefixes = [(1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""),
@@ -89,7 +99,8 @@ class KernelPoint:
 
 
 def roof_from_spec(spec, dtype: str = "bf16") -> Roof:
-    """A :class:`Roof` for a GPU from ``utils.hardware``."""
+    """A :class:`Roof` for a GPU from ``utils.hardware`` (a spec or a registry name)."""
+    spec = resolve_gpu(spec, "spec")
     return Roof(label=f"{spec.name} {dtype}", peak_flops=spec.flops(dtype),
                 bandwidth=spec.memory_bandwidth)
 
@@ -97,9 +108,24 @@ def roof_from_spec(spec, dtype: str = "bf16") -> Roof:
 def roofline(roofs: Iterable[Roof], kernels: Iterable[KernelPoint] = (), ax=None,
              intensity_range: tuple[float, float] = (1 / 16, 4096), title: str = "Roofline"):
     """Draw several machines' rooflines on log-log axes and place kernels on them."""
+    if isinstance(roofs, Roof) or not isinstance(roofs, Iterable):
+        raise TypeError(f"roofs must be a list of Roof, got {type(roofs).__name__}")
     roofs = list(roofs)
     if not roofs:
-        raise ValueError("roofline needs at least one Roof")
+        raise ValueError("roofs must hold at least one Roof")
+    for r in roofs:
+        if not isinstance(r, Roof):
+            raise TypeError(f"roofs must hold Roof objects, got {type(r).__name__}")
+    kernels = list(kernels)
+    for k in kernels:
+        if not isinstance(k, KernelPoint) or not 0 <= k.roof_index < len(roofs):
+            raise ValueError(f"kernels must be KernelPoints whose roof_index is in "
+                             f"[0, {len(roofs)}), got {k!r}")
+    if len(intensity_range) != 2:
+        raise ValueError(f"intensity_range must be (low, high), got {intensity_range!r}")
+    lo, hi = (check_number("intensity_range", v, positive=True) for v in intensity_range)
+    if not lo < hi:
+        raise ValueError(f"intensity_range must have low < high, got {intensity_range!r}")
     if ax is None:
         _, ax = plt.subplots()
     x = np.logspace(np.log10(intensity_range[0]), np.log10(intensity_range[1]), 400)

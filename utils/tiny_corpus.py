@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import random
 
+from .validate import check_int
+
 # Every character the language uses; the tokenizer's vocabulary in this order.
 ALPHABET = "\n !',.:?0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -155,6 +157,8 @@ _KINDS = (_math, _count, _zoo, _facts, _story)
 
 def document(rng: random.Random) -> str:
     """One document (one line, ending in a newline) drawn with ``rng``."""
+    if not isinstance(rng, random.Random):
+        raise TypeError(f"rng must be a random.Random, got {type(rng).__name__}")
     return rng.choice(_KINDS)(rng) + "\n"
 
 
@@ -195,6 +199,9 @@ def prompts(n: int, seed: int = PROMPT_SEED, min_chars: int = 12, max_chars: int
     """
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    check_int("seed", seed)
+    check_int("min_chars", min_chars)
+    check_int("max_chars", max_chars)
     if not 1 <= min_chars <= max_chars:
         raise ValueError(f"need 1 <= min_chars <= max_chars, got {min_chars}, {max_chars}")
     rng = random.Random(seed)
