@@ -178,22 +178,25 @@ def matmul_traffic(m: int, n: int, k: int, tm: int, tn: int, tk: int, itemsize: 
 def best_tile(m: int, n: int, k: int, capacity: int, itemsize: int) -> tuple[int, int, int]:
     """The (tm, tn, tk) that fits ``capacity`` bytes and moves the fewest bytes.
 
-    ``tk = 1`` is always best (it costs capacity and saves no traffic); among the C
-    tiles that fit, the search keeps the smallest traffic (ties: the squarer tile).
+    ``tk = 1`` is always best (it costs capacity and saves no traffic). For each tm the
+    widest tn that fits is best (traffic never grows with tn); the search over tm keeps
+    the smallest traffic (ties: the squarer tile).
     """
     for name, v in (("m", m), ("n", n), ("k", k), ("capacity", capacity), ("itemsize", itemsize)):
         _int(name, v)
     if fast_bytes_needed(1, 1, 1, itemsize) > capacity:
         raise ValueError(f"capacity {capacity} bytes cannot hold even 1x1 tiles "
                          f"(3 elements of {itemsize} bytes)")
+    M = capacity // itemsize
     best = None
     for tm in range(1, m + 1):
-        for tn in range(1, n + 1):
-            if fast_bytes_needed(tm, tn, 1, itemsize) > capacity:
-                break
-            key = (matmul_traffic(m, n, k, tm, tn, 1, itemsize), abs(tm - tn), tm)
-            if best is None or key < best[0]:
-                best = (key, (tm, tn, 1))
+        # traffic only falls as tn grows, so take the widest tn that fits beside tm
+        tn = min(n, (M - tm) // (tm + 1))
+        if tn < 1:
+            break
+        key = (matmul_traffic(m, n, k, tm, tn, 1, itemsize), abs(tm - tn), tm)
+        if best is None or key < best[0]:
+            best = (key, (tm, tn, 1))
     return best[1]
 
 
