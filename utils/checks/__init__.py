@@ -260,12 +260,13 @@ def _stub_text(err: NotImplementedError) -> str:
     code = frames[-1].f_code
     where = getattr(code, "co_qualname", code.co_name).split("<locals>.")[-1]
     found = _STUB_EXERCISE.search(str(err))
-    owner = f" (exercise {found.group(1)})" if found else ""
     cell = _display_name(code.co_filename)
-    place = f", in {cell}" if cell.startswith("Cell") else ""
+    where_from = [f"exercise {found.group(1)}"] if found else []
+    where_from += [cell] if cell.startswith("Cell") else []
+    owner = f" ({', '.join(where_from)})" if where_from else ""
     if where == "<module>":
-        return f"the stub{owner}{place} still raises NotImplementedError: fill it in"
-    return f"`{where}`{owner}{place} is still a stub: fill it in"
+        return f"the stub{owner} still raises NotImplementedError: fill it in"
+    return f"`{where}`{owner} is still a stub: fill it in"
 
 
 # --------------------------------------------------------------------------- library answers
