@@ -8,7 +8,8 @@ import torch
 
 from utils import quant as Q
 
-bnb_f = pytest.importorskip("bitsandbytes.functional")
+pytest.importorskip("bitsandbytes")
+bnb_f = Q.bitsandbytes_functional()
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 

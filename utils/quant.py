@@ -44,7 +44,7 @@ __all__ = [
     "NF4_QLORA_OFFSET", "LLM_INT8_THRESHOLD",
     "int8_quantize", "int8_dequantize", "int_quantize_groups",
     "fp_grid", "fp8_round", "fp8_bits",
-    "nf4_codebook", "nf4_quantize", "nf4_dequantize", "nf4_pack",
+    "bitsandbytes_functional", "nf4_codebook", "nf4_quantize", "nf4_dequantize", "nf4_pack",
     "llm_int8_matmul", "rtn_quantize", "gptq_quantize", "quantization_error",
     "quantize_model_weights", "perplexity", "dynamic_int8_benchmark", "fp8_matmul_cuda",
 ]
@@ -393,6 +393,21 @@ def fp8_bits(x: torch.Tensor, fmt: str) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- NF4
+
+def bitsandbytes_functional():
+    """``bitsandbytes.functional``, imported without its CPU-kernel notice (a logged warning
+    on CPUs with AVX-512 BF16 that lack the optional ``kernels`` package)."""
+    import logging
+
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    before = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as bnb_functional
+    finally:
+        log.setLevel(before)
+    return bnb_functional
+
 
 def nf4_codebook() -> torch.Tensor:
     """QLoRA's 16 NF4 values (float32, ascending), built from normal quantiles.
