@@ -386,3 +386,36 @@ def test_fp8_matmul_cuda_refuses_without_gpu():
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="CUDA"):
         Q.fp8_matmul_cuda(torch.ones(2, 2), torch.ones(2, 2))
+
+
+# --------------------------------------------------------------------------- SmoothQuant, AWQ
+
+def test_smoothquant_preserves_the_product_and_helps_w8a8():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(64, 32, generator=g)
+    x[:, [2, 17]] *= 40
+    w = torch.randn(16, 32, generator=g) * 0.1
+    s = Q.smoothquant_scales(x.abs().amax(0), w, 0.5)
+    assert torch.allclose((x / s) @ (w * s).T, x @ w.T, rtol=1e-4, atol=1e-4)
+    exact = x @ w.T
+    plain = Q.fake_quant_int8(x) @ Q.fake_quant_int8(w, 0).T
+    smooth = Q.fake_quant_int8(x / s) @ Q.fake_quant_int8(w * s, 0).T
+    assert (smooth - exact).abs().mean() < 0.5 * (plain - exact).abs().mean()
+    with pytest.raises(ValueError, match="alpha"):
+        Q.smoothquant_scales(x.abs().amax(0), w, 1.5)
+    with pytest.raises(ValueError, match="channels"):
+        Q.smoothquant_scales(x.abs().amax(0)[:5], w)
+
+
+def test_awq_search_never_worse_than_rtn():
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(256, 64, generator=g)
+    x[:, :4] *= 10                                  # salient input channels
+    w = torch.randn(32, 64, generator=g)
+    w_hat, alpha, errors = Q.awq_search(w, x, 3, 32)
+    assert len(errors) == 20 and min(errors) == errors[int(round(alpha * 20))]
+    assert errors[int(round(alpha * 20))] <= errors[0]
+    assert alpha > 0 and errors[int(round(alpha * 20))] < 0.9 * errors[0]
+    assert torch.allclose(Q.awq_search(w, x, 3, 32, grid=1)[0], Q.int_quantize_groups(w, 3, 32), atol=1e-5)
+    with pytest.raises(ValueError, match="features"):
+        Q.awq_search(w, x[:, :10])

@@ -45,7 +45,8 @@ __all__ = [
     "int8_quantize", "int8_dequantize", "int_quantize_groups",
     "fp_grid", "fp8_round", "fp8_bits",
     "bitsandbytes_functional", "nf4_codebook", "nf4_quantize", "nf4_dequantize", "nf4_pack",
-    "llm_int8_matmul", "rtn_quantize", "gptq_quantize", "quantization_error",
+    "llm_int8_matmul", "smoothquant_scales", "fake_quant_int8", "awq_search",
+    "rtn_quantize", "gptq_quantize", "quantization_error",
     "quantize_model_weights", "perplexity", "dynamic_int8_benchmark", "fp8_matmul_cuda",
 ]
 
@@ -646,6 +647,63 @@ def perplexity(model, text: str, seq_len: int | None = None) -> float:
     y = ids[1: n * seq_len + 1].reshape(n, seq_len)
     loss = torch.nn.functional.cross_entropy(model(x).reshape(-1, model.config.vocab), y.reshape(-1))
     return float(torch.exp(loss))
+
+
+# --------------------------------------------------------------------------- SmoothQuant, AWQ
+
+def smoothquant_scales(act_absmax: torch.Tensor, w: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factors ``s_j = max|X_j|^α / max|W_:,j|^(1-α)``
+    (Xiao et al. 2023, Section 4, Eq. 4): ``(X / s) @ (W · s)ᵀ = X @ Wᵀ`` exactly, and the
+    activations' outlier channels shrink while the weights' grow. ``w``: ``[out, in]``."""
+    _check_tensor("act_absmax", act_absmax, _FLOATS, ndim=1)
+    _check_tensor("w", w, _FLOATS, ndim=2)
+    alpha = _check_float("alpha", alpha)
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if act_absmax.numel() != w.shape[1]:
+        raise ValueError(f"act_absmax has {act_absmax.numel()} channels, w has {w.shape[1]} input columns")
+    if bool((act_absmax < 0).any()):
+        raise ValueError("act_absmax must be >= 0 (it is a maximum of absolute values)")
+    a = act_absmax.float().clamp(min=1e-5)
+    b = w.float().abs().amax(0).clamp(min=1e-5)
+    return a.pow(alpha) / b.pow(1 - alpha)
+
+
+def fake_quant_int8(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Absmax INT8 quantize-dequantize (per tensor, or per slice along ``dim``), float32."""
+    q, scale, zero = int8_quantize(x, dim, symmetric=True)
+    return int8_dequantize(q, scale, zero, dim)
+
+
+def awq_search(w: torch.Tensor, x: torch.Tensor, bits: int = 4, group_size: int | None = None,
+               grid: int = 20):
+    """AWQ's activation-aware scaling (Lin et al. 2024, Section 3.2): scale input channel
+    ``j`` of the weight by ``s_j = mean|x_j|^α`` before round-to-nearest and divide it back
+    after, with α chosen on a grid of ``grid`` points in [0, 1) to minimize the output error
+    ``‖x Wᵀ - x Q(W·s)/sᵀ‖²`` on calibration inputs ``x`` ``[n, in]``.
+
+    Returns ``(w_hat, alpha, errors)``: the dequantized weight, the chosen α and the error
+    at each grid point (α = 0 is plain round-to-nearest).
+    """
+    _check_tensor("w", w, _FLOATS, ndim=2)
+    _check_tensor("x", x, _FLOATS, ndim=2)
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} features, w has {w.shape[1]} input columns")
+    grid = _check_int("grid", grid, lo=1)
+    xf, wf = x.float(), w.float()
+    ref = xf @ wf.T
+    mean_abs = xf.abs().mean(0).clamp(min=1e-8)
+    best, errors = None, []
+    for k in range(grid):
+        alpha = k / grid
+        s = mean_abs.pow(alpha)
+        s = s / torch.sqrt(s.max() * s.min())
+        w_hat = int_quantize_groups(wf * s, bits, group_size) / s
+        err = float(((xf @ w_hat.T - ref) ** 2).sum())
+        errors.append(err)
+        if best is None or err < best[0]:
+            best = (err, alpha, w_hat)
+    return best[2], best[1], errors
 
 
 # --------------------------------------------------------------------------- measured
