@@ -37,6 +37,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import flop_registry
 
+from .validate import check_callable, check_int, check_number, check_tensor
+
 __all__ = [
     "PUBLISHED", "SavedTensorMeter", "saved_bytes", "MatmulFlops", "StepMeasure", "measure_step",
     "ResidualMLP", "mlp_stack", "run_blocks", "attention_core", "TransformerLayer",
@@ -207,8 +209,7 @@ def saved_bytes(fn: Callable, *args, ignore=None, **kwargs) -> int:
     Forward only: the number is what the graph holds when ``fn`` returns, i.e. what a
     training step keeps between its forward and its backward.
     """
-    if not callable(fn):
-        raise TypeError(f"saved_bytes needs a callable, got {type(fn).__name__}")
+    check_callable("fn", fn)
     with SavedTensorMeter(ignore=ignore) as m:
         out = fn(*args, **kwargs)
         stored = m.live
@@ -266,8 +267,8 @@ def measure_step(fn: Callable, *inputs, ignore=None, grad: torch.Tensor | None =
     shape, so no loss function adds saved tensors of its own). Gradients accumulate in
     ``.grad`` as usual; zero them first if that matters. Returns a :class:`StepMeasure`.
     """
-    if not callable(fn):
-        raise TypeError(f"measure_step needs a callable, got {type(fn).__name__}")
+    check_callable("fn", fn)
+    check_int("seed", seed)
     with SavedTensorMeter(ignore=ignore, timeline=timeline) as m, MatmulFlops() as flops:
         out = fn(*inputs)
         if not isinstance(out, torch.Tensor) or not out.requires_grad:
@@ -314,13 +315,31 @@ def mlp_stack(n: int, width: int, ratio: int = 4, seed: int = 0) -> nn.ModuleLis
     """``n`` :class:`ResidualMLP` blocks with seeded weights, as an ``nn.ModuleList``."""
     if not isinstance(n, int) or n <= 0:
         raise ValueError(f"n (the number of blocks) must be a positive integer, got {n!r}")
+    check_int("width", width, low=1)
+    check_int("ratio", ratio, low=1)
+    check_int("seed", seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return nn.ModuleList(ResidualMLP(width, ratio) for _ in range(n))
 
 
+def _check_blocks(blocks) -> list:
+    if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        raise TypeError("blocks must be a sequence of modules, got a single "
+                        f"{type(blocks).__name__}")
+    if not isinstance(blocks, Iterable):
+        raise TypeError(f"blocks must be a sequence of modules, got {type(blocks).__name__}")
+    blocks = list(blocks)
+    for b in blocks:
+        if not callable(b):
+            raise TypeError(f"blocks must hold modules (callables), got {type(b).__name__}")
+    return blocks
+
+
 def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """Run ``x`` through ``blocks`` one after another, nothing recomputed."""
+    _check_blocks(blocks)
+    check_tensor("x", x, floating=True)
     for block in blocks:
         x = block(x)
     return x
@@ -333,6 +352,14 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     The plain formulation, which saves the ``seq x seq`` probabilities (and the mask)
     for backward; ``torch.nn.functional.scaled_dot_product_attention`` computes the same.
     """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, floating=True)
+        if t.dim() < 2 or t.dtype != q.dtype:
+            raise ValueError(f"{name} must be (..., seq, head_dim) with q's dtype {q.dtype}, "
+                             f"got shape {tuple(t.shape)} and dtype {t.dtype}")
+    if k.shape[-1] != q.shape[-1] or v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"k must have q's head_dim and v k's seq length; got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     s_q, s_k = q.shape[-2], k.shape[-2]
     scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
     if causal:
@@ -427,7 +454,9 @@ def segment_memory(sizes: Sequence[int], input_bytes: int, block_bytes: int,
     ``torch.utils.checkpoint.checkpoint_sequential`` does): it is not recomputed, it
     stores (k - 1) u + m_k a, and the peak is the same.
     """
-    sizes = [_count("segment size", m) for m in sizes]
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
+        raise TypeError(f"sizes must be a sequence of segment sizes, got {type(sizes).__name__}")
+    sizes = [_count("sizes (each segment size)", m) for m in sizes]
     if not sizes:
         raise ValueError("sizes must hold at least one segment")
     u, a = _bytes("input_bytes", input_bytes), _bytes("block_bytes", block_bytes)
@@ -453,8 +482,8 @@ def continuous_optimum(n: int, input_bytes: float, block_bytes: float) -> tuple[
     """``(k*, M*)`` minimising M(k) = k u + (n / k) a over real k: k* = sqrt(n a / u),
     M* = 2 sqrt(n a u). Chen et al.'s sqrt(n) is the case a = u."""
     n = _count("n", n)
-    if not (input_bytes > 0 and block_bytes > 0):
-        raise ValueError("input_bytes and block_bytes must be positive")
+    check_number("input_bytes", input_bytes, positive=True)
+    check_number("block_bytes", block_bytes, positive=True)
     return math.sqrt(n * block_bytes / input_bytes), 2 * math.sqrt(n * block_bytes * input_bytes)
 
 
@@ -466,7 +495,8 @@ def checkpoint_segments(blocks: Sequence[nn.Module], x: torch.Tensor, k: int,
     The production mechanism: the oracle the lab's hand-made version is checked against.
     With ``checkpoint_last=False`` the last segment runs normally.
     """
-    blocks = list(blocks)
+    blocks = _check_blocks(blocks)
+    check_tensor("x", x, floating=True)
     sizes = segment_sizes(len(blocks), k)
     start = 0
     for j, m in enumerate(sizes):
