@@ -3,8 +3,10 @@
 The oracles: :func:`utils.tiny.generate` run on each request alone for every token an
 engine produces (batching must not change outputs), and the reference schedulers in
 :mod:`utils.serving` for every decision and every timestamp, replayed on the same
-seeded traces under the same deterministic cost model. Metrics are held to
-``numpy.percentile``.
+seeded traces under the same deterministic cost model. The engines' clock logs are
+compared with the reference's iteration by iteration; at the first difference the
+message shows both iterations (which requests, which passes) and names the rule of the
+policy that was broken. Metrics are held to ``numpy.percentile``.
 """
 from __future__ import annotations
 
@@ -96,6 +98,197 @@ def _compare_run(got, ref, alone, requests, what, hint_times):
                  f"times (ms) {[round(t * 1e3, 4) for t in want]}",
                  f"times (ms) {[round(t * 1e3, 4) for t in times]} (first difference at token {i})",
                  hint_times)
+
+
+def _ms(t):
+    return f"{t * 1e3:.4g} ms"
+
+
+def _norm_iteration(it):
+    """(start, end, sorted decode ids, sorted (id, tokens) prefill passes) of a logged iteration."""
+    try:
+        decode = sorted(int(r) for r in it.decode)
+        prefill = sorted((int(r), int(n)) for r, n in it.prefill)
+    except (TypeError, ValueError):
+        fail("the clock log has an iteration that is not ids and token counts",
+             "decode=[request ids], prefill=[(request id, prompt tokens), ...]",
+             f"decode={it.decode!r}, prefill={it.prefill!r}",
+             "declare each iteration with clock.iteration(decode=[r.rid, ...], "
+             "prefill=[(r.rid, n_tokens), ...])")
+    return float(it.start), float(it.end), decode, prefill
+
+
+def _describe(it):
+    if it is None:
+        return "no iteration (the schedule has ended)"
+    start, end, decode, prefill = it
+    parts = [f"starts at {_ms(start)}"]
+    parts.append(f"decode pass over requests {decode}" if decode else "no decode pass")
+    parts.append("prefill " + ", ".join(f"{n} prompt token{'s' if n != 1 else ''} of request {r}"
+                                        for r, n in prefill)
+                 if prefill else "no prefill")
+    return "; ".join(parts)
+
+
+def _state(log, requests, upto):
+    """Each request's progress before iteration ``upto`` of a (reference) log: prompt tokens
+    in the cache, tokens produced, and the iteration its prompt completed in."""
+    by_id = {r.rid: r for r in requests}
+    prefilled = {r.rid: 0 for r in requests}
+    tokens = {r.rid: 0 for r in requests}
+    for _, _, decode, prefill in log[:upto]:
+        for rid in decode:
+            tokens[rid] += 1
+        for rid, n in prefill:
+            prefilled[rid] += n
+            if prefilled[rid] == by_id[rid].prompt_len:
+                tokens[rid] += 1
+    return prefilled, tokens
+
+
+def _ids(items):
+    ids = [rid for rid, _ in items]
+    return f"request {ids[0]}" if len(ids) == 1 else "requests " + ", ".join(map(str, ids))
+
+
+def _v(items, one, many):
+    return one if len(items) == 1 else many
+
+
+def _details(items):
+    return ", ".join(d for _, d in items)
+
+
+def _diagnose(ref_it, got_it, requests, ref_log, i, policy):
+    """Which rule of the policy the first differing iteration breaks, in words."""
+    by_id = {r.rid: r for r in requests}
+    if got_it is None:
+        return ("your engine stopped here while requests still had work: keep iterating until "
+                "every request has exactly max_new tokens")
+    if ref_it is None:
+        return ("every request is already complete in the reference: an extra iteration means "
+                "a request ran past its max_new tokens or a finished request was not retired")
+    prefilled, tokens = _state(ref_log, requests, i)
+    start = ref_it[0]
+    found: dict[str, list] = {}
+
+    def note(kind, rid, detail=""):
+        found.setdefault(kind, []).append((rid, detail))
+
+    ref_pre, got_pre = dict(ref_it[3]), dict(got_it[3])
+    for rid in sorted(set(ref_pre) | set(got_pre)):
+        r = by_id.get(rid)
+        if r is None:
+            note("unknown", rid)
+        elif rid in ref_pre and rid not in got_pre:
+            if prefilled[rid] > 0:
+                note("next_chunk", rid, f"{r.prompt_len - prefilled[rid]} left")
+            else:
+                note("admit_" + policy, rid, _ms(r.arrival))
+        elif rid in got_pre and rid not in ref_pre:
+            if r.arrival > start + 1e-12:
+                note("not_arrived", rid, _ms(r.arrival))
+            elif prefilled[rid] >= r.prompt_len:
+                note("prefilled_twice", rid)
+            elif policy == "batched":
+                note("not_in_batch", rid)
+            elif prefilled[rid] > 0:
+                note("chunk_no_room", rid)
+            else:
+                note("must_wait", rid)
+        elif ref_pre[rid] != got_pre[rid]:
+            note("chunk_size", rid, f"request {rid}: {ref_pre[rid]} in the reference, {got_pre[rid]} in "
+                                    f"yours, {r.prompt_len - prefilled[rid]} left")
+    for rid in sorted(set(ref_it[2]) - set(got_it[2])):
+        r = by_id[rid]
+        note("must_decode", rid, f"{tokens[rid]} of {r.max_new}")
+    for rid in sorted(set(got_it[2]) - set(ref_it[2])):
+        r = by_id.get(rid)
+        if r is None:
+            note("unknown", rid)
+        elif tokens[rid] == 0:
+            note("no_token_yet", rid)
+        elif tokens[rid] >= r.max_new:
+            note("finished", rid, f"{r.max_new}")
+        else:
+            note("not_decoding", rid)
+
+    text = {
+        "unknown": lambda x: f"{_ids(x)} {_v(x, 'is', 'are')} not in the trace",
+        "next_chunk": lambda x: f"{_ids(x)} {_v(x, 'is', 'are')} still prefilling ({_details(x)} prompt tokens): the next "
+                                f"chunk belongs in this iteration",
+        "admit_batched": lambda x: f"{_ids(x)} (arrived {_details(x)}) {_v(x, 'belongs', 'belong')} in the batch launched at "
+                                   f"{_ms(start)}: a batch takes every request arrived by its launch, at "
+                                   f"most max_batch, in arrival order",
+        "admit_continuous": lambda x: f"{_ids(x)} arrived by this iteration's start ({_details(x)}) and a "
+                                      f"slot is free: admit arrived requests in arrival order while fewer "
+                                      f"than max_batch run, and prefill them",
+        "not_arrived": lambda x: f"{_ids(x)} {_v(x, 'arrives', 'arrive')} at {_details(x)}, after this iteration starts "
+                                 f"({_ms(start)}): not yet servable",
+        "prefilled_twice": lambda x: f"{_ids(x)} already {_v(x, 'has', 'have')} the whole prompt in the cache: prefill once",
+        "not_in_batch": lambda x: f"{_ids(x)} {_v(x, 'is', 'are')} not in this batch: a batch holds at most max_batch requests, "
+                                  f"and nobody joins a batch once it runs",
+        "chunk_no_room": lambda x: f"no room for {_ids(x)}'s next chunk: the token budget goes to the "
+                                   f"decodes first, then to prompts in admission order",
+        "must_wait": lambda x: f"{_ids(x)} must wait: max_batch requests are already running (those "
+                               f"still prefilling count), or the token budget is spent",
+        "chunk_size": lambda x: f"chunk sizes differ ({'; '.join(d for _, d in x)}): the budget goes to "
+                                f"the {len(ref_it[2])} decode{'s' if len(ref_it[2]) != 1 else ''} first, then to prompts in "
+                                f"admission order, "
+                                f"each taking min(its remaining prompt, what is left)",
+        "must_decode": lambda x: f"{_ids(x)} ({_details(x)} tokens so far) {_v(x, 'decodes', 'decode')} in every "
+                                 f"iteration until {_v(x, 'it has', 'they have')} max_new",
+        "no_token_yet": lambda x: f"{_ids(x)} {_v(x, 'has', 'have')} no token yet: a request whose prompt completes gets "
+                                  f"its first token at the end of that iteration and joins the decode "
+                                  f"pass from the next one",
+        "finished": lambda x: f"{_ids(x)} already {_v(x, 'has', 'have')} all {_v(x, 'its', 'their')} tokens (max_new {_details(x)}): retire "
+                              f"a request as soon as it has max_new tokens",
+        "not_decoding": lambda x: f"{_ids(x)} {_v(x, 'is', 'are')} not in this decode pass in the reference",
+    }
+    notes = [text[k](v) for k, v in found.items()]
+    if not math.isclose(ref_it[0], got_it[0], rel_tol=1e-9, abs_tol=1e-12):
+        when = f"yours starts at {_ms(got_it[0])}, the reference's at {_ms(ref_it[0])}"
+        if policy == "batched":
+            notes.insert(0, f"{when}: a batch launches once the server is free, at the earlier of "
+                            f"the moment max_batch requests have arrived and the moment the oldest "
+                            f"waiting request has waited max_delay (next_batch)")
+        else:
+            notes.insert(0, f"{when}: an iteration starts when the previous one ends; the clock "
+                            f"jumps to the next arrival only when nothing is running")
+    if not notes:
+        notes.append("the same passes cost another time: declare each iteration's passes with one "
+                     "clock.iteration(...) block and run nothing outside it")
+    return "; ".join(notes)
+
+
+def _compare_log(got_log, ref_log, requests, what, policy):
+    """Hold the learner's clock log to the reference's, iteration by iteration; at the first
+    difference, show both iterations and say which rule of the policy it breaks."""
+    got = [_norm_iteration(it) for it in got_log]
+    ref = [_norm_iteration(it) for it in ref_log]
+    if not got:
+        fail(f"{what}: the clock logged no iterations",
+             f"{len(ref)} iterations, each declared with clock.iteration(decode=..., prefill=...)",
+             "an empty clock.log",
+             "wrap every iteration's forward passes in `with clock.iteration(decode=[...], "
+             "prefill=[(rid, n), ...]):` on the clock you were given")
+
+    def same(a, b):
+        return (a[2] == b[2] and a[3] == b[3]
+                and math.isclose(a[0], b[0], rel_tol=1e-9, abs_tol=1e-12)
+                and math.isclose(a[1], b[1], rel_tol=1e-9, abs_tol=1e-12))
+
+    for i in range(max(len(got), len(ref))):
+        g = got[i] if i < len(got) else None
+        r = ref[i] if i < len(ref) else None
+        if g is not None and r is not None and same(g, r):
+            continue
+        before = (f"\n(iteration {i - 1} agreed: {_describe(ref[i - 1])})" if i > 0 else "")
+        fail(f"{what}: the schedule diverges from the reference at iteration {i} "
+             f"(of {len(ref)} in the reference)",
+             f"iteration {i}: {_describe(r)}{before}",
+             f"iteration {i}: {_describe(g)}",
+             _diagnose(r, g, requests, ref, i, policy))
 
 
 # ----------------------------------------------------------------------------- exercise 1
@@ -197,13 +390,16 @@ def serve_batched(fn):
         what = f"serve_batched(max_batch={mb}, {kind})"
         clock = sv.VirtualClock(sv.REFERENCE_COST)
         got = _completions(fn(model, reqs, mb, delay, clock), reqs, what)
-        ref = sv.serve_batched(None, reqs, mb, delay, sv.VirtualClock(sv.REFERENCE_COST))
+        ref_clock = sv.VirtualClock(sv.REFERENCE_COST)
+        ref = sv.serve_batched(None, reqs, mb, delay, ref_clock)
+        _compare_log(clock.log, ref_clock.log, reqs, what, "batched")
         _compare_run(got, ref, alone, reqs, what,
                      "launch each batch at next_batch(arrivals of the unserved requests, clock.now, "
                      "...) after clock.advance_to; one iteration prefills every member (one "
                      "prefill pass each), then one decode iteration per step over the members "
                      "still unfinished; stamp each token with clock.now after its iteration")
-    return "12 requests, static and dynamic, 4 settings: tokens equal generate() alone, schedule exact"
+    return ("12 requests, static and dynamic, 4 settings: the clock log equals the reference's, "
+            "tokens equal generate() alone, token times exact")
 
 
 # ----------------------------------------------------------------------------- exercise 4
@@ -245,14 +441,17 @@ def serve_continuous(fn):
         what = f"serve_continuous(max_batch={mb}, token_budget={budget})"
         clock = sv.VirtualClock(sv.REFERENCE_COST)
         got = _completions(fn(model, reqs, mb, clock, token_budget=budget), reqs, what)
-        ref = sv.serve_continuous(None, reqs, mb, sv.VirtualClock(sv.REFERENCE_COST), budget)
+        ref_clock = sv.VirtualClock(sv.REFERENCE_COST)
+        ref = sv.serve_continuous(None, reqs, mb, ref_clock, budget)
+        _compare_log(clock.log, ref_clock.log, reqs, what, "continuous")
         _compare_run(got, ref, alone, reqs, what,
                      "each iteration: if nothing runs, advance the clock to the next arrival; admit "
                      "arrived requests while fewer than max_batch run; decoding = running requests "
                      "that already have a token; chunk_plan the rest; one iteration runs the "
                      "prefill chunks and one decode pass; a request whose prompt completes gets "
                      "its first token now and decodes from the next iteration")
-    return "12 requests, 5 settings incl. chunked prefill: tokens equal generate() alone, schedule exact"
+    return ("12 requests, 5 settings incl. chunked prefill: the clock log equals the reference's, "
+            "tokens equal generate() alone, token times exact")
 
 
 # ----------------------------------------------------------------------------- exercise 6
