@@ -285,9 +285,10 @@ SWEEP: dict[str, E] = {
     # -- paged_kv ----------------------------------------------------------------------------
     "paged_kv.blocks_needed": E(kw(n_tokens=10, block_size=4), allow={"n_tokens": {"zero"}}),
     "paged_kv.gather_kv": E(lambda: dict(pool=torch.arange(24.0).reshape(6, 1, 2, 2), table=[2, 0],
-                                         n_tokens=3), allow={"n_tokens": {"zero"}}),
-    "paged_kv.paged_attention": E(_paged),
-    "paged_kv.request_trace": E(kw(n=5), allow={"seed": {"zero"}}),
+                                         n_tokens=3), allow={"n_tokens": {"zero"},
+                                                             "pool": {"dtype"}}),
+    "paged_kv.paged_attention": E(_paged, allow={"block_tables": {"type"}, "lengths": {"type"}}),
+    "paged_kv.request_trace": E(kw(n=5), allow={"n": {"zero"}}),
     "paged_kv.kv_usage": E(kw(trace=[(3, 2), (5, 1)], scheme="paged", max_len=8, block_size=4)),
     "paged_kv.max_concurrent": E(lambda: dict(usage=pk.kv_usage([(3, 2)], "max", max_len=8),
                                               budget_slots=100), allow={"budget_slots": {"zero"}}),
@@ -557,7 +558,7 @@ def test_every_public_function_is_covered():
 #: Functions whose fixes have not landed yet (expected to fail; strict, so a fix that
 #: lands without removing the name here is noticed).
 PENDING = set("""
-speculative.decode_step_times speculative.measure_speedup serving.saturate serving.saturation_throughput serving.simulate collectives.crossover_size collectives.fit_alpha_beta collectives.ring_cost paged_kv.draw_block_tables paged_kv.gather_kv paged_kv.max_concurrent paged_kv.paged_attention paged_kv.request_trace paged_kv.run_batch parallelism.bubble_fraction parallelism.bucket_assignment parallelism.collective_bytes parallelism.comm_per_step parallelism.dp_bytes_per_step parallelism.idle_fraction parallelism.pipeline_orders parallelism.plot_timeline parallelism.pp_bytes_per_microbatch parallelism.schedule parallelism.tp_bytes_per_layer serving.chunk_plan serving.goodput serving.gpu_cost_model serving.measure_step_times serving.next_batch serving.plot_timeline serving.serve_batched serving.serve_continuous serving.simulate_colocated serving.simulate_disaggregated serving.slo_attainment serving.summarize serving.tpot serving.ttft speculative.accept_or_resample speculative.acceptance_probability speculative.acceptance_rate speculative.always_accept speculative.chi_square speculative.lookup_draft speculative.measure_alpha speculative.optimal_gamma speculative.probs speculative.prompt_lookup_generate speculative.residual speculative.speculative_generate speculative.speedup tiny.apply_rope tiny.attention tiny.causal_mask tiny.generate tiny.load tiny.metadata tiny.rope_tables tiny.sample_next tiny.save tiny.weights_path zero.flat_params zero.global_batch zero.loss_fn zero.micro_batch zero.reference_run zero.storage_bytes zero.train_worker zero.units
+speculative.decode_step_times speculative.measure_speedup serving.saturate serving.saturation_throughput serving.simulate collectives.crossover_size collectives.fit_alpha_beta collectives.ring_cost parallelism.bubble_fraction parallelism.bucket_assignment parallelism.collective_bytes parallelism.comm_per_step parallelism.dp_bytes_per_step parallelism.idle_fraction parallelism.pipeline_orders parallelism.plot_timeline parallelism.pp_bytes_per_microbatch parallelism.schedule parallelism.tp_bytes_per_layer serving.chunk_plan serving.goodput serving.gpu_cost_model serving.measure_step_times serving.next_batch serving.plot_timeline serving.serve_batched serving.serve_continuous serving.simulate_colocated serving.simulate_disaggregated serving.slo_attainment serving.summarize serving.tpot serving.ttft speculative.accept_or_resample speculative.acceptance_probability speculative.acceptance_rate speculative.always_accept speculative.chi_square speculative.lookup_draft speculative.measure_alpha speculative.optimal_gamma speculative.probs speculative.prompt_lookup_generate speculative.residual speculative.speculative_generate speculative.speedup tiny.apply_rope tiny.attention tiny.causal_mask tiny.generate tiny.load tiny.metadata tiny.rope_tables tiny.sample_next tiny.save tiny.weights_path zero.flat_params zero.global_batch zero.loss_fn zero.micro_batch zero.reference_run zero.storage_bytes zero.train_worker zero.units
 """.split())
 
 

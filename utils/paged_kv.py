@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .tiny import KVCache, TinyConfig, attention, causal_mask
+from .validate import check_callable, check_int, check_tensor
 
 __all__ = [
     "PUBLISHED", "OutOfBlocks", "BlockAllocator", "BlockManager", "blocks_needed",
@@ -340,12 +341,40 @@ class BlockManager:
 def gather_kv(pool: torch.Tensor, table: Sequence[int] | torch.Tensor, n_tokens: int) -> torch.Tensor:
     """One sequence's K (or V) in position order, ``[n_kv_heads, n_tokens, head_dim]``,
     gathered from a pool ``[num_blocks, n_kv_heads, block_size, head_dim]``."""
-    table = torch.as_tensor(table, dtype=torch.long, device=pool.device)
-    _, hkv, bs, d = pool.shape
+    check_tensor("pool", pool, ndim=4)
+    table = _block_ids("table", table, pool.device, ndim=1)
+    nb, hkv, bs, d = pool.shape
     need = blocks_needed(n_tokens, bs)
     if table.numel() < need:
         raise ValueError(f"{n_tokens} tokens need {need} blocks of {bs}; the table has {table.numel()}")
+    _check_ids_in_pool("table", table[:need], nb)
     return pool[table[:need]].transpose(0, 1).reshape(hkv, need * bs, d)[:, :n_tokens]
+
+
+def _block_ids(name: str, ids, device, ndim: int) -> torch.Tensor:
+    """Block ids as a long tensor on ``device``: an int tensor or a sequence of ints."""
+    if isinstance(ids, torch.Tensor):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer block ids, got dtype {ids.dtype}")
+        t = ids.to(device=device, dtype=torch.long)
+    else:
+        try:
+            t = torch.as_tensor(ids, device=device)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be a tensor or sequence of integer block ids, "
+                            f"got {type(ids).__name__}") from None
+        if t.is_floating_point() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer block ids, got {ids!r}")
+        t = t.long()
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_ids_in_pool(name: str, ids: torch.Tensor, num_blocks: int) -> None:
+    if ids.numel() and bool(((ids < 0) | (ids >= num_blocks)).any()):
+        raise ValueError(f"{name} holds block ids outside the pool's 0..{num_blocks - 1}: "
+                         f"{ids.tolist()}")
 
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -359,16 +388,26 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     sequence's first ``lengths[b]`` positions, query head h reading KV head
     h // (n_heads // n_kv_heads) (grouped-query attention).
     """
-    if q.dim() != 3 or k_pool.dim() != 4 or k_pool.shape != v_pool.shape:
-        raise ValueError(f"expected q [B, H, d] and pools [num_blocks, Hkv, block_size, d]; got "
-                         f"{tuple(q.shape)}, {tuple(k_pool.shape)}, {tuple(v_pool.shape)}")
+    check_tensor("q", q, ndim=3, floating=True)
+    check_tensor("k_pool", k_pool, ndim=4, dtype=q.dtype)
+    check_tensor("v_pool", v_pool, shape=tuple(k_pool.shape), dtype=q.dtype)
     B, H, d = q.shape
-    _, hkv, bs, _ = k_pool.shape
+    nb, hkv, bs, _ = k_pool.shape
     if H % hkv or k_pool.shape[-1] != d:
-        raise ValueError(f"{H} query heads of {d} cannot read {hkv} KV heads of {k_pool.shape[-1]}")
-    tables = torch.as_tensor(block_tables, dtype=torch.long, device=q.device)
-    lengths = torch.as_tensor(lengths, dtype=torch.long, device=q.device)
+        raise ValueError(f"q's {H} heads of {d} cannot read k_pool's {hkv} KV heads of "
+                         f"{k_pool.shape[-1]}")
+    tables = _block_ids("block_tables", block_tables, q.device, ndim=2)
+    lengths = _block_ids("lengths", lengths, q.device, ndim=1)
+    if tables.shape[0] != B or lengths.shape[0] != B:
+        raise ValueError(f"block_tables must have {B} rows and lengths {B} entries (one per "
+                         f"query), got {tuple(tables.shape)} and {tuple(lengths.shape)}")
     S = tables.shape[1] * bs
+    if B and not (bool((lengths >= 1).all()) and bool((lengths <= S).all())):
+        raise ValueError(f"lengths must be in 1..{S} (the block table holds {tables.shape[1]} "
+                         f"blocks of {bs}; a query needs at least one key), got {lengths.tolist()}")
+    used = torch.arange(tables.shape[1], device=q.device)[None, :] < (-(-lengths // bs))[:, None]
+    _check_ids_in_pool("block_tables", tables[used], nb)
+    tables = torch.where(used, tables, 0)                  # entries past the end are ignored
     k = k_pool[tables].transpose(1, 2).reshape(B, hkv, S, d)     # [B, Hkv, S, d] in position order
     v = v_pool[tables].transpose(1, 2).reshape(B, hkv, S, d)
     mask = (torch.arange(S, device=q.device)[None, :] < lengths[:, None])[:, None, :]   # [B, 1, S]
@@ -609,6 +648,8 @@ def max_concurrent(usage: KVUsage, budget_slots: int) -> int:
     ``floor(budget / mean_slots)`` of them (exact integer arithmetic). For ``"max"`` this
     is ``budget // max_len``.
     """
+    if not isinstance(usage, KVUsage):
+        raise TypeError(f"usage must be a KVUsage (from kv_usage), got {type(usage).__name__}")
     budget = _count("budget_slots", budget_slots)
     return budget * usage.steps // usage.allocated_slots
 
@@ -646,8 +687,19 @@ def run_batch(model, prompts: Sequence[Sequence[int]], make_cache, held_slots, m
     the live caches hold and ``held_slots(live_caches)``, the slots the allocation scheme
     holds for them. The totals are what :func:`kv_usage` models for ``trace``.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    for name in ("prefill", "decode_step"):
+        if not callable(getattr(model, name, None)):
+            raise TypeError(f"model must have prefill and decode_step (a TinyTransformer), "
+                            f"got {type(model).__name__}")
+    if isinstance(prompts, (str, bytes, torch.Tensor)) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+    check_callable("make_cache", make_cache)
+    check_callable("held_slots", held_slots)
+    check_int("max_new_tokens", max_new_tokens, low=1)
+    if stop_token is not None:
+        check_int("stop_token", stop_token, low=0)
+    if release is not None:
+        check_callable("release", release)
     caches = [make_cache(i) for i in range(len(prompts))]
     outputs = [[] for _ in prompts]
     last = []
@@ -690,6 +742,12 @@ def draw_block_tables(manager: BlockManager, seqs: Sequence[Hashable], names: Se
 
     from .plots import PALETTE
 
+    for attr in ("block_size", "allocator", "block_table"):
+        if not hasattr(manager, attr):
+            raise TypeError(f"manager must be a BlockManager, got {type(manager).__name__}")
+    if isinstance(seqs, (str, bytes)) or not isinstance(seqs, Iterable):
+        raise TypeError(f"seqs must be a list of sequence ids, got {type(seqs).__name__}")
+    seqs = list(seqs)
     names = list(names) if names is not None else [str(s) for s in seqs]
     B, nb = manager.block_size, manager.allocator.num_blocks
     rows = sum(max(1, len(manager.block_table(s))) for s in seqs) + len(seqs)
