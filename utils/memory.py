@@ -24,6 +24,8 @@ Sources (every paper number used below comes from one of these):
 
 * Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
   Models" (arXiv:2205.05198; MLSys 2023), Section 4 and Table 2: activation memory.
+  (Full recompute with sequence parallelism, 2sbh/t, is Megatron-LM's implementation:
+  Table 2 lists full recomputation only as 2sbh.)
 * Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
   Parameter Models" (SC20; arXiv:1910.02054), Section 3.1 (16 bytes per parameter for
   mixed-precision Adam), Section 5 and Figure 1 (the three stages), Section 7
@@ -59,7 +61,9 @@ __all__ = [
 
 SOURCES = {
     "activations": ("Korthikanti et al. 2022, 'Reducing Activation Recomputation in Large "
-                    "Transformer Models', arXiv:2205.05198, Section 4 and Table 2"),
+                    "Transformer Models', arXiv:2205.05198, Section 4 and Table 2; full "
+                    "recompute with sequence parallelism (2sbh/t): Megatron-LM's "
+                    "implementation, Table 2 lists 2sbh"),
     "zero": ("Rajbhandari et al. 2020, 'ZeRO: Memory Optimizations Toward Training Trillion "
              "Parameter Models', SC20, arXiv:1910.02054, Sections 3.1, 5, 7 and Figure 1"),
     "adam_state": ("PyTorch torch.optim.Adam/AdamW: per parameter tensor, state 'exp_avg' "
@@ -476,8 +480,12 @@ _ACTIVATION_TERMS = (
 # output from the stored Q and K: the whole 5 as^2b term goes, leaving sbh (10 + 24/t), or
 # 34 sbh/t with sequence parallelism.
 #
-# Full recomputation keeps only each layer's input, 2sbh (Table 2); with sequence
-# parallelism that input is itself split along the sequence, 2sbh/t.
+# Full recomputation keeps only each layer's input: 2sbh, the one full-recompute entry of
+# Table 2. The /t with sequence parallelism is not in the table: it is what Megatron-LM's
+# implementation stores, because with sequence parallelism the layer input it checkpoints
+# is already split along the sequence over the t ranks (its --distribute-saved-activations
+# option, which splits the saved input without sequence parallelism, is then switched
+# off), so each rank keeps 2sbh/t.
 
 
 def _check_layer_dims(seq_len, batch, hidden, heads, tp):
@@ -534,6 +542,11 @@ def activation_bytes_per_layer(seq_len: int, batch: int, hidden: int, heads: int
     tensor + sequence parallel       sbh/t(34       34sbh/t              2sbh/t
                                      + 5as/h)
     ===============================  =============  ===================  =========
+
+    Every entry is the paper's Table 2 except full recompute with sequence parallelism:
+    the table lists full recomputation only as 2sbh; 2sbh/t is Megatron-LM's
+    implementation, which checkpoints the layer input in its sequence-parallel layout,
+    split along the sequence over the t ranks.
 
     ``recompute``: ``"none"``, ``"selective"`` (recompute the attention core, drop the
     5as^2b term) or ``"full"`` (keep only the layer input). Multi-query or grouped-query
@@ -718,7 +731,9 @@ PUBLISHED = _frozen(
     korthikanti_reduction=_frozen(factor=5,
                                   source="Korthikanti et al. 2022, arXiv:2205.05198, abstract"),
     # OPT-13B: "the KV cache of a single token demands 800 KB" (2 x 5120 x 40 x 2 bytes)
-    # and a 2048-token request "can be as much as 1.6 GB".
+    # and a 2048-token request "can be as much as 1.6 GB". Both in binary units:
+    # 800 KiB = 819,200 B a token, and 2048 of them 1.5625 GiB (1.68e9 B: 1.7 GB in
+    # decimal units, so the paper's 1.6 is the binary figure rounded).
     vllm_opt13b_kv=_frozen(model="opt-13b", kb_per_token=800, tokens=2048, gb_per_request=1.6,
                            source="Kwon et al. 2023 (vLLM, SOSP 2023), Section 3"),
 )

@@ -230,7 +230,8 @@ def activation_bytes_per_layer(fn):
              "accept 'none', 'selective' and 'full' and raise ValueError otherwise")
     s, h, a, t = 2048, 20480, 128, 8
     ratio = fn(s, 1, h, a, t, False, "none") / fn(s, 1, h, a, t, True, "selective")
-    return (f"Korthikanti Table 2 in all 9 cases; 530B-shaped layer: {ratio:.2f}x less with "
+    return (f"Korthikanti Table 2 in 8 of 9 cases, Megatron-LM's 2sbh/t in the ninth (full "
+            f"recompute with sequence parallelism); 530B-shaped layer: {ratio:.2f}x less with "
             f"sequence parallelism + selective recompute (paper: "
             f"{memory.PUBLISHED['korthikanti_reduction']['factor']}x)")
 
