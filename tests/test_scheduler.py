@@ -19,13 +19,13 @@ HOL = [Job(0, 0.0, 6, 100.0), Job(1, 1.0, 4, 100.0), Job(2, 2.0, 2, 50.0)]
 
 def test_fifo_blocks_behind_the_head():
     s = S.simulate(HOL, n_nodes=1, policy="fifo")
-    S.validate(s, HOL)
+    S.validate_schedule(s, HOL)
     assert starts(s) == {0: 0.0, 1: 100.0, 2: 100.0}
 
 
 def test_backfill_fills_the_hole_without_delaying_the_head():
     s = S.simulate(HOL, n_nodes=1, policy="backfill")
-    S.validate(s, HOL)
+    S.validate_schedule(s, HOL)
     assert starts(s) == {0: 0.0, 1: 100.0, 2: 2.0}
 
 
@@ -40,7 +40,7 @@ def test_gangs_are_all_or_nothing_and_fragmentation_blocks_them():
     jobs = [Job(0, 0.0, 4, 100.0), Job(1, 0.0, 4, 100.0), Job(2, 1.0, 8, 10.0)]
     # best fit puts both 4-GPU jobs on node 0, leaving node 1 whole
     s = S.simulate(jobs, n_nodes=2, policy="fifo")
-    S.validate(s, jobs)
+    S.validate_schedule(s, jobs)
     assert starts(s)[2] == 1.0
     # spreading them (one per node) leaves 4 + 4 free: the 8-GPU gang waits
     def spread(free, pod_sizes):
@@ -53,7 +53,7 @@ def test_gangs_are_all_or_nothing_and_fragmentation_blocks_them():
             out.append((node, size))
         return out
     s2 = S.simulate(jobs, n_nodes=2, policy="fifo", placement=spread)
-    S.validate(s2, jobs)
+    S.validate_schedule(s2, jobs)
     assert starts(s2)[2] == 100.0
 
 
@@ -67,7 +67,7 @@ def test_multi_node_gang_is_split_into_whole_node_pods():
 def test_priority_preemption_keeps_progress():
     jobs = [Job(0, 0.0, 8, 100.0, priority=0), Job(1, 10.0, 8, 30.0, priority=1)]
     s = S.simulate(jobs, n_nodes=1, policy="priority", preempt=True)
-    S.validate(s, jobs)
+    S.validate_schedule(s, jobs)
     runs = [(x.jid, x.start, x.end, x.finished) for x in s.segments]
     assert runs == [(0, 0.0, 10.0, False), (1, 10.0, 40.0, True), (0, 40.0, 130.0, True)]
     assert S.metrics(s, jobs)["preemptions"] == 1
@@ -80,7 +80,7 @@ def test_too_big_a_job_is_rejected_and_reported():
     jobs = [Job(0, 0.0, 8, 10.0), Job(1, 1.0, 17, 10.0)]
     s = S.simulate(jobs, n_nodes=2)
     assert list(s.rejected) == [1] and "17 GPUs" in s.rejected[1]
-    S.validate(s, jobs)
+    S.validate_schedule(s, jobs)
     assert S.metrics(s, jobs)["rejected"] == 1
 
 
@@ -89,7 +89,7 @@ def test_too_big_a_job_is_rejected_and_reported():
 def test_every_policy_keeps_the_invariants_on_a_trace(policy, preempt):
     jobs = S.make_jobs(150, seed=2, mean_gap=900) + [Job(10_000, 50.0, 1000, 10.0)]
     s = S.simulate(jobs, 8, 8, policy, preempt)
-    S.validate(s, jobs)
+    S.validate_schedule(s, jobs)
     m = S.metrics(s, jobs)
     assert 0 < m["utilization"] <= 1 and m["rejected"] == 1
 
@@ -116,10 +116,10 @@ def _good():
 ])
 def test_validate_catches_broken_schedules(corrupt, match):
     s, jobs = _good()
-    S.validate(s, jobs)
+    S.validate_schedule(s, jobs)
     corrupt(s)
     with pytest.raises(ValueError, match=match):
-        S.validate(s, jobs)
+        S.validate_schedule(s, jobs)
 
 
 @pytest.mark.parametrize("call, err, match", [

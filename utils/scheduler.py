@@ -28,7 +28,7 @@ for large gangs. :func:`best_fit` is the rule; :func:`simulate` takes another as
 ``placement``.
 
 Every decision is deterministic: events at the same time are handled completions first,
-then arrivals, and ties are broken by job id. :func:`validate` checks a schedule's
+then arrivals, and ties are broken by job id. :func:`validate_schedule` checks a schedule's
 invariants: no node over capacity at any moment, every gang all-or-nothing and started
 at one instant, every accepted job finishing exactly once with exactly its work done.
 """
@@ -43,7 +43,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 __all__ = ["Job", "Segment", "Schedule", "pods", "best_fit", "make_jobs", "simulate",
-           "validate", "metrics", "POLICIES"]
+           "validate_schedule", "metrics", "POLICIES"]
 
 POLICIES = ("fifo", "backfill", "priority")
 
@@ -284,7 +284,7 @@ def simulate(jobs: Sequence[Job], n_nodes: int, gpus_per_node: int = 8, policy: 
     return sched
 
 
-def validate(schedule: Schedule, jobs: Sequence[Job]) -> None:
+def validate_schedule(schedule: Schedule, jobs: Sequence[Job]) -> None:
     """Raise ValueError naming the first broken invariant of ``schedule`` for ``jobs``:
 
     1. rejected jobs are exactly those asking for more GPUs than the cluster has, and
