@@ -116,8 +116,8 @@ def ring_cost(collective: str, n: int, nbytes: float) -> Cost:
     row: ``2(n-1)`` steps, ``2(n-1)/n * S`` bytes per rank.
     """
     if collective not in ("reduce_scatter", "all_gather", "all_reduce"):
-        raise ValueError(f"ring_cost covers reduce_scatter, all_gather and all_reduce; "
-                         f"got {collective!r}")
+        raise ValueError(f"collective must be reduce_scatter, all_gather or all_reduce "
+                         f"(what ring_cost covers); got {collective!r}")
     n, nbytes = _check_n(n), _check_nonneg(nbytes, "nbytes")
     phases = 2 if collective == "all_reduce" else 1
     return Cost(phases * (n - 1), phases * (n - 1) / n * nbytes)
@@ -154,6 +154,15 @@ def all_reduce_cost(algorithm: str, n: int, nbytes: float) -> Cost:
     return Cost(2 * log_n, 2 * (n - 1) / n * nbytes)  # halving_doubling
 
 
+def _array(name, v) -> np.ndarray:
+    if isinstance(v, (str, bytes)) or np.ndim(v) == 0:
+        raise TypeError(f"{name} must be a sequence of numbers, got {type(v).__name__}")
+    try:
+        return np.asarray(v, dtype=float).reshape(-1)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a sequence of numbers, got {v!r}") from None
+
+
 def fit_alpha_beta(steps, nbytes, times) -> tuple[float, float]:
     """Least-squares ``(alpha, beta)`` of ``times ~ alpha*steps + beta*nbytes``.
 
@@ -162,7 +171,11 @@ def fit_alpha_beta(steps, nbytes, times) -> tuple[float, float]:
     alpha too). ``steps`` and ``nbytes`` are per measurement: the messages in sequence and the
     bytes sent per rank of the algorithm that was timed.
     """
-    s, b, t = (np.asarray(v, dtype=float).reshape(-1) for v in (steps, nbytes, times))
+    s, b, t = (_array(name, v) for name, v in (("steps", steps), ("nbytes", nbytes),
+                                                 ("times", times)))
+    for name, v in (("steps", s), ("nbytes", b)):
+        if not np.all(np.isfinite(v)) or np.any(v < 0):
+            raise ValueError(f"{name} must be finite and >= 0, got {v.tolist()}")
     if not (len(s) == len(b) == len(t)):
         raise ValueError(f"steps, nbytes and times must have the same length; got "
                          f"{len(s)}, {len(b)}, {len(t)}")
@@ -183,6 +196,8 @@ def crossover_size(alpha: float, beta: float, n: int, small: str = "recursive_do
     rank per byte of array): ``S* = alpha (s_large - s_small) / (beta (c_small - c_large))``.
     Returns ``inf`` when ``large`` never wins, ``0.0`` when it always does.
     """
+    _check_nonneg(alpha, "alpha")
+    _check_nonneg(beta, "beta")
     a, b = all_reduce_cost(small, n, 1.0), all_reduce_cost(large, n, 1.0)
     d_steps, d_bytes = b.steps - a.steps, a.bytes_per_rank - b.bytes_per_rank
     if beta * d_bytes <= 0:  # large sends no fewer bytes (or beta <= 0): it never catches up

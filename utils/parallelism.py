@@ -28,6 +28,7 @@ from typing import Sequence
 
 from . import hardware as _hardware
 from . import memory as _memory
+from .validate import check_choice, check_int, check_number, resolve_model
 from . import models as _models
 
 __all__ = [
@@ -110,7 +111,8 @@ DGX_H100 = NodeSpec("DGX H100", "H100-SXM", 8, "NVLink 4", "InfiniBand NDR", 8,
 # Input checking
 # ---------------------------------------------------------------------------------------
 def _count(name, value, minimum=1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value \
+            or value in (float("inf"), float("-inf")) or value != int(value):
         raise TypeError(f"{name} must be a whole number >= {minimum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
@@ -118,9 +120,7 @@ def _count(name, value, minimum=1) -> int:
 
 
 def _positive(name, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
-    return value
+    return check_number(name, value, positive=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -144,8 +144,7 @@ def collective_bytes(collective: str, payload: float, n: int) -> float:
     ``n == 1`` a collective sends nothing; a send still sends its payload.
     """
     n = _count("n", n)
-    if isinstance(payload, bool) or not isinstance(payload, numbers.Real) or payload < 0:
-        raise ValueError(f"payload must be a number of bytes >= 0, got {payload!r}")
+    check_number("payload", payload, nonnegative=True)
     if collective == "send":
         return payload
     if collective not in COLLECTIVES:
@@ -166,7 +165,8 @@ def dp_bytes_per_step(params, dp: int, bytes_per_grad: float = 2) -> float:
     not depend on the batch size, which is why data parallelism likes large batches.
     ``params`` is a count, a ModelSpec or a registry name.
     """
-    psi = _memory.param_count(params)
+    psi = _memory._param_count(params, "params")
+    dp = _count("dp", dp)
     return collective_bytes("all_reduce", psi * _positive("bytes_per_grad", bytes_per_grad), dp)
 
 
@@ -213,7 +213,10 @@ def pp_bytes_per_microbatch(tokens: int, hidden: int, bytes_per_element: float =
     """
     payload = _count("tokens", tokens) * _count("hidden", hidden) * \
         _positive("bytes_per_element", bytes_per_element)
-    return payload / _count("tp", tp) if scatter_gather else payload
+    tp = _count("tp", tp)
+    if not isinstance(scatter_gather, bool):
+        raise TypeError(f"scatter_gather must be True or False, got {scatter_gather!r}")
+    return payload / tp if scatter_gather else payload
 
 
 @dataclass(frozen=True)
@@ -251,12 +254,16 @@ def comm_per_step(model, seq_len: int, micro_batch: int, n_micro: int, tp: int =
     ``model`` is a ModelSpec or a registry name. Embedding and LM-head collectives and the
     all-reduce of replicated layer-norm gradients are left out.
     """
-    m = model if isinstance(model, _models.ModelSpec) else _models.get(model)
+    m = resolve_model(model)
     s, b, n_micro = _count("seq_len", seq_len), _count("micro_batch", micro_batch), \
         _count("n_micro", n_micro)
     tp, pp, dp = _count("tp", tp), _count("pp", pp), _count("dp", dp)
+    check_choice("zero_stage", zero_stage, (0, 1, 2, 3))
     if pp > m.n_layers:
         raise ValueError(f"pp={pp} is larger than the {m.n_layers} layers of {m.name}")
+    if m.n_heads % tp:      # as utils.memory.training_bytes_per_device refuses it
+        raise ValueError(f"tp={tp} does not divide the {m.n_heads} attention heads of "
+                         f"{m.name}: tensor parallelism gives each rank an equal share")
     layers = -(-m.n_layers // pp)
     tp_bytes = n_micro * layers * tp_bytes_per_layer(s * b, m.hidden, tp, bytes_per_element,
                                                      sequence_parallel)
@@ -334,7 +341,7 @@ def pipeline_orders(kind: str, p: int, m: int, v: int = 1) -> list[list[tuple]]:
             orders.append(order)
         return orders
     if kind != "interleaved":
-        raise ValueError(f"unknown schedule {kind!r}; choose one of {SCHEDULES}")
+        raise ValueError(f"kind must be one of {SCHEDULES}; got unknown schedule {kind!r}")
     if m % p:
         raise ValueError(f"the interleaved schedule needs the micro-batches (m={m}) to be a "
                          f"multiple of the pipeline stages (p={p})")
@@ -432,6 +439,12 @@ def schedule(kind: str, p: int, m: int, v: int = 1, forward_slots: int = 1,
 
 
 def _durations(sched, forward_slots, backward_slots):
+    if not isinstance(sched, (list, tuple)) or not sched or \
+            not all(isinstance(row, (list, tuple)) for row in sched):
+        raise TypeError(f"sched must be a timed schedule (one list of (slot, op, mb) per "
+                        f"device, as assign_slots returns), got {type(sched).__name__}")
+    forward_slots = _count("forward_slots", forward_slots)
+    backward_slots = _count("backward_slots", backward_slots)
     dur = {"F": forward_slots, "B": backward_slots}
     return [[(o[0], o[0] + dur[o[1]]) for o in row] for row in sched]
 
@@ -454,6 +467,7 @@ def plot_timeline(sched, ax=None, title: str | None = None, forward_slots: int =
     import matplotlib.pyplot as plt
     from matplotlib.colors import to_rgb
 
+    _durations(sched, forward_slots, backward_slots)      # checks the arguments
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 0.45 * len(sched) + 1.2))
     v = 1 + max((o[3] for row in sched for o in row if len(o) == 4), default=0)
@@ -497,6 +511,8 @@ def bucket_assignment(nbytes: Sequence[int], cap_bytes: int) -> list[list[int]]:
     ``_compute_bucket_assignment_by_size`` for tensors of one dtype and device.)
     """
     cap = _count("cap_bytes", cap_bytes)
+    if isinstance(nbytes, (str, bytes)) or not isinstance(nbytes, Sequence):
+        raise TypeError(f"nbytes must be a sequence of tensor sizes, got {type(nbytes).__name__}")
     buckets, current, size = [], [], 0
     for i, n in enumerate(nbytes):
         current.append(i)
