@@ -1,11 +1,15 @@
 """Tests of utils.dist, the multi-process launcher: results, errors, hangs, cleanup, ports."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -16,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from utils import dist as udist
-from utils.dist import LaunchTimeout, RankError, launch
+from utils.dist import HINT_SEND_CYCLE, HINT_UNEVEN, LaunchTimeout, RankError, launch
 
 REPO = Path(__file__).resolve().parents[1]
 HANG_TIMEOUT = 4.0  # seconds a hang test waits; the ranks reach their collective in well under 1 s
@@ -100,6 +104,26 @@ def _missing_send(rank, world_size, folder):
         t = torch.zeros(2)
         dist.recv(t, src=0)  # rank 0 never sends
     return rank
+
+
+def _uneven_all_gather(rank, world_size):
+    # Each rank sizes every piece like its own; the last rank's piece is one element longer.
+    # Rank 0 receives the long piece into a short buffer: gloo aborts that process ("Received
+    # data size doesn't match"), and its peers lose their connection to it.
+    n = 2 + (rank == world_size - 1)
+    pieces = [torch.empty(n) for _ in range(world_size)]
+    dist.all_gather(pieces, torch.ones(n))
+
+
+def _blocking_ring(rank, world_size, folder):
+    _note_pid(folder, rank)
+    x, y = torch.ones(1024), torch.empty(1024)
+    dist.send(x, (rank + 1) % world_size)  # every rank sends first: no one is receiving
+    dist.recv(y, (rank - 1) % world_size)
+
+
+def _modules_at_start(rank, world_size):
+    return sorted(m for m in ("torch._dynamo", "torch.distributed.fsdp") if m in sys.modules)
 
 
 def _chatty(rank, world_size):
@@ -256,6 +280,7 @@ def test_mismatched_collective_times_out_with_stacks(tmp_path):
     assert "rank(s) [0, 1] of 2 had not finished" in message
     assert "in all_reduce" in message and "in broadcast" in message  # each rank's stack
     assert "in _mismatched_collective" in message and "dist.all_reduce(t)" in message
+    assert HINT_SEND_CYCLE not in message  # a mismatch, not a ring of blocking sends
     pids = _pids(tmp_path)
     assert len(pids) == 2 and all(_gone(pid) for pid in pids), "ranks left behind after a hang"
 
@@ -270,8 +295,169 @@ def test_missing_send_times_out_naming_only_the_stuck_rank(tmp_path):
     assert err.ranks == [1] and list(err.stacks) == [1]
     assert "rank(s) [1] of 2 had not finished (finished: [0])" in str(err)
     assert "dist.recv(t, src=0)" in err.stacks[1] and "in _missing_send" in err.stacks[1]
+    assert HINT_SEND_CYCLE not in str(err)  # stuck in recv, not in send
     pids = _pids(tmp_path)
     assert len(pids) == 2 and all(_gone(pid) for pid in pids)
+
+
+@pytest.mark.timeout(60)
+def test_ring_of_blocking_sends_gets_the_post_the_receive_hint(tmp_path):
+    with pytest.raises(LaunchTimeout) as info:
+        launch(_blocking_ring, 3, str(tmp_path), timeout=HANG_TIMEOUT)
+    err = info.value
+    assert err.ranks == [0, 1, 2]
+    assert all("dist.send(x, (rank + 1) % world_size)" in err.stacks[r] for r in err.ranks)
+    assert HINT_SEND_CYCLE in str(err) and "isend" in HINT_SEND_CYCLE
+    pids = _pids(tmp_path)
+    assert len(pids) == 3 and all(_gone(pid) for pid in pids)
+
+
+@pytest.mark.timeout(60)
+def test_uneven_all_gather_names_the_rank_that_caused_it():
+    with pytest.raises(RankError) as info:
+        launch(_uneven_all_gather, 3, timeout=30)
+    err = info.value
+    message = str(err)
+    assert err.cause == 0, message
+    assert "Received data size doesn't match" in err.tracebacks[0]
+    assert "rank 0 failed first" in message
+    # the cause comes first and in full, with the hint; the peers' resets come after it
+    cause_at = message.index("--- rank 0 (the cause) ---")
+    assert cause_at < message.index(HINT_UNEVEN)
+    assert message.index("Received data size doesn't match") < message.index(HINT_UNEVEN)
+    for r in err.ranks:
+        if r != 0:
+            assert "by peer" in err.tracebacks[r]
+            assert message.index(f"--- rank {r} (lost its connection") > cause_at
+
+
+def test_root_cause_skips_errors_that_blame_a_peer():
+    reset = "Traceback ...\nRuntimeError: Read error [127.0.0.1]:1: Connection reset by peer."
+    closed = "Traceback ...\nRuntimeError: Connection closed by peer [127.0.0.1]:2."
+    crash = "process exited with code -6; its last output:\n    terminate called\n    boom"
+    raised = "Traceback ...\nValueError: bad shape"
+    # the consequence arrived first; the cause is the first error that is not one
+    assert udist.root_cause({0: reset, 1: crash, 2: closed}, order=[0, 2, 1]) == 1
+    assert udist.root_cause({0: reset, 3: raised}, order=[0, 3]) == 3
+    assert udist.root_cause({2: raised, 3: crash}, order=[3, 2]) == 3  # arrival order decides
+    assert udist.root_cause({4: reset, 1: closed}, order=[4, 1]) == 4  # all consequences: first
+    assert udist.root_cause({5: raised, 1: reset}) == 5  # no order: rank order, causes first
+    mismatch = "RuntimeError: Received data size doesn't match expected size. Connection reset"
+    assert udist.root_cause({0: reset, 1: mismatch}, order=[0, 1]) == 1
+    with pytest.raises(ValueError, match="errors must name"):
+        udist.root_cause({})
+
+
+def test_rank_error_message_puts_the_cause_first():
+    errors = {0: "Traceback ...\nRuntimeError: Connection reset by peer",
+              1: "Traceback ...\nRuntimeError: Received data size doesn't match expected size"}
+    err = udist._rank_error(errors, [0, 1], 2)
+    assert err.cause == 1 and err.ranks == [0, 1]
+    text = str(err)
+    assert text.startswith("rank(s) [0, 1] of 2 failed; rank 1 failed first")
+    assert text.index("--- rank 1 (the cause) ---") < text.index(HINT_UNEVEN) \
+        < text.index("--- rank 0 (lost its connection to a failed peer) ---")
+    alone = udist._rank_error({2: "Traceback ...\nValueError: x"}, [2], 3)
+    assert alone.cause == 2 and HINT_UNEVEN not in str(alone) and "(the cause)" not in str(alone)
+
+
+@pytest.mark.timeout(60)
+def test_fork_server_preloads_what_ranks_would_import():
+    if "forkserver" not in __import__("multiprocessing").get_all_start_methods():
+        pytest.skip("no fork server on this platform")
+    assert launch(_modules_at_start, 2) == [["torch._dynamo", "torch.distributed.fsdp"]] * 2
+
+
+def _session_alive(sid):
+    """Processes of session ``sid`` that are still running (zombies wait for a reaper that
+    this test does not control, and use nothing: they do not count)."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path("/proc", entry, "stat").read_text()
+        except OSError:
+            continue
+        state, _ppid, _pgrp, session = stat[stat.rindex(")") + 2:].split()[:4]
+        if int(session) == sid and state != "Z":
+            alive.append(int(entry))
+    return alive
+
+
+_SPINNING_LAUNCHER = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from utils.dist import launch
+    def spin(rank, world_size, folder):
+        Path(folder, f"rank{rank}.pid").write_text(str(os.getpid()))
+        while True:
+            pass
+    launch(spin, 2, sys.argv[1], timeout=300)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.timeout(240)
+def test_killed_launcher_leaves_no_process_and_no_folder(tmp_path):
+    # Three launchers, each in its own session, each running two spinning ranks; once the ranks
+    # are up, one launcher gets SIGTERM (a scheduler), one SIGKILL (the OOM killer, a forced
+    # kernel restart) and one SIGINT (Ctrl-C).
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    runs = {}
+    for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGINT):
+        folder = tmp_path / sig.name
+        folder.mkdir()
+        proc = subprocess.Popen([sys.executable, "-c", _SPINNING_LAUNCHER, str(folder)],
+                                cwd=REPO, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        runs[sig] = (proc, folder)
+    try:
+        start = time.monotonic()
+        for sig, (proc, folder) in runs.items():
+            while len(_pids(folder)) < 2:
+                assert proc.poll() is None, f"the {sig.name} launcher exited early"
+                assert time.monotonic() - start < 150, "the ranks did not start"
+                time.sleep(0.1)
+            folders = glob.glob(os.path.join(tempfile.gettempdir(), f"utils-dist-{proc.pid}-*"))
+            assert len(folders) == 1, folders  # the launch's folder, named by its launcher
+            assert all(not _gone(pid) for pid in _pids(folder))
+            os.kill(proc.pid, sig)
+        for sig, (proc, folder) in runs.items():
+            proc.wait(timeout=30)
+            end = time.monotonic() + 15
+            while _session_alive(proc.pid) and time.monotonic() < end:
+                time.sleep(0.1)
+            assert _session_alive(proc.pid) == [], f"{sig.name}: processes left running"
+            left = glob.glob(os.path.join(tempfile.gettempdir(), f"utils-dist-{proc.pid}-*"))
+            assert left == [], f"{sig.name}: temporary folder left: {left}"
+    finally:
+        for proc, _ in runs.values():  # never leave a spinning session behind a failed test
+            for pid in _session_alive(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def test_a_dead_launchers_folder_is_removed_by_the_next_launch():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tempfile.mkdtemp(prefix=f"utils-dist-{dead.pid}-")
+        Path(stale, "rank0.out").write_text("left by a killed launcher")
+        busy = tempfile.mkdtemp(prefix=f"utils-dist-{live.pid}-")
+        other = tempfile.mkdtemp(prefix="utils-dist-notapid-")
+        launch(_noop, 1)
+        assert not os.path.exists(stale), "a dead launcher's folder survived the next launch"
+        assert os.path.isdir(busy), "a live launcher's folder was removed"
+        assert os.path.isdir(other), "a folder not named by a pid was removed"
+    finally:
+        live.kill()
+        live.wait()
+        for path in (busy, other):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.parametrize("fn, world_size, kwargs, error, words", [
