@@ -65,6 +65,18 @@ PUBLISHED = {
         "recompute_overhead_reduction": 0.90,
         "mfu_530b": 0.542,
         "mfu_530b_full_recompute": 0.421,
+        # Section 5: selective recomputation's extra FLOPs, for the paper's two model shapes
+        # (s = 2048; GPT-3 h = 12288, MT-NLG h = 20480, Table 3). They equal s / (6h + s),
+        # the attention core's share of one forward pass; :func:`recompute_overhead` counts
+        # the same FLOPs against forward + backward, s / (18h + 3s), a third of that.
+        "selective_extra_flops": {
+            "gpt3-175b": {"seq_len": 2048, "hidden": 12288, "fraction": 0.027},
+            "mt-nlg-530b": {"seq_len": 2048, "hidden": 20480, "fraction": 0.016},
+        },
+        "selective_extra_flops_source": (
+            "V. Korthikanti et al., arXiv:2205.05198, Section 5: selective activation "
+            "recomputation costs 2.7% extra FLOPs for GPT-3 and 1.6% for MT-NLG (s = 2048; "
+            "model shapes in Table 3)"),
         "source": ("V. Korthikanti et al., 'Reducing Activation Recomputation in Large "
                    "Transformer Models', arXiv:2205.05198 (2022; MLSys 2023), abstract: "
                    "sequence parallelism and selective recomputation with tensor "
