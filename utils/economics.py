@@ -39,6 +39,7 @@ from typing import Callable, Mapping, Sequence
 from . import hardware as _hardware
 from . import inference_cost as _ic
 from . import models as _models
+from . import validate as _v
 
 __all__ = [
     "SECONDS_PER_HOUR", "HOURS_PER_YEAR", "Price", "PRICES", "price", "PRECISIONS",
@@ -55,45 +56,33 @@ HOURS_PER_YEAR = 365.25 * 24
 
 
 # --------------------------------------------------------------------------- validation
-# (local checks: the course's shared validators did not exist when this module was written)
+# thin wrappers over the course's shared validators (utils.validate)
 
 def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return value
+    return float(_v.check_number(name, value))
 
 
 def _positive(name: str, value) -> float:
-    value = _number(name, value)
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    return value
+    return float(_v.check_positive(name, value))
 
 
 def _nonneg(name: str, value) -> float:
-    value = _number(name, value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return value
+    return float(_v.check_nonnegative(name, value))
 
 
-def _fraction(name: str, value, low_open: bool = True) -> float:
-    value = _number(name, value)
-    ok = (0 < value <= 1) if low_open else (0 <= value <= 1)
-    if not ok:
-        raise ValueError(f"{name} must be in {'(0' if low_open else '[0'}, 1], got {value!r}")
-    return value
+def _fraction(name: str, value) -> float:
+    """A number in (0, 1]."""
+    return float(_v.check_number(name, value, positive=True, high=1))
 
 
 def _count(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(value)
+    return _v.check_int(name, value, low=minimum)
+
+
+def _sequence(name: str, value) -> list:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple, range)):
+        raise TypeError(f"{name} must be a list or tuple, got {type(value).__name__} {value!r}")
+    return list(value)
 
 
 # --------------------------------------------------------------------------- prices
@@ -158,11 +147,11 @@ PRICES: Mapping[str, Price] = MappingProxyType(_PRICES)
 def price(key: str) -> Price:
     """The :class:`Price` registered under ``key`` (see :data:`PRICES`)."""
     if not isinstance(key, str):
-        raise TypeError(f"key must be a string, got {type(key).__name__}")
+        raise TypeError(f"key must be a string, got {type(key).__name__} {key!r}")
     try:
         return _PRICES[key]
     except KeyError:
-        raise KeyError(f"unknown price {key!r}; known: {', '.join(_PRICES)}") from None
+        raise _v.UnknownName(f"key: unknown price {key!r}; known: {', '.join(_PRICES)}") from None
 
 
 # --------------------------------------------------------------------------- cost per token
@@ -172,17 +161,22 @@ PRECISIONS = MappingProxyType({"bf16": (2, "bf16"), "fp16": (2, "fp16"), "fp8": 
 
 
 def _precision(value) -> tuple[int, str]:
-    if not isinstance(value, str) or value not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
-    return PRECISIONS[value]
+    if not isinstance(value, str):
+        raise TypeError(f"precision must be a string, one of {', '.join(PRECISIONS)}; got {value!r}")
+    return PRECISIONS[_v.check_choice("precision", value, PRECISIONS)]
 
 
 def _gpu(value) -> _hardware.GPUSpec:
-    if isinstance(value, _hardware.GPUSpec):
-        return value
-    if not isinstance(value, str):
-        raise TypeError(f"gpu must be a registry name or a GPUSpec, got {type(value).__name__}")
-    return _hardware.get(value)
+    return _v.resolve_gpu(value, "gpu")
+
+
+def _model(value):
+    if isinstance(value, str):
+        return _v.resolve_model(value, "model")
+    try:
+        return _ic.as_spec(value)
+    except TypeError as err:
+        raise TypeError(f"model: {err}") from None
 
 
 def serving_cost(model, gpu, precision: str = "bf16", batch: int = 1, context: int = 1024,
@@ -206,7 +200,7 @@ def serving_cost(model, gpu, precision: str = "bf16", batch: int = 1, context: i
     beside the weights in 90% of the GPUs' memory) and ``fits`` (``batch <= max_batch``).
     """
     spec = _gpu(gpu)
-    m = _ic.as_spec(model)
+    m = _model(model)
     bpe, dtype = _precision(precision)
     b = _count("batch", batch)
     ctx = _count("context", context)
@@ -233,7 +227,10 @@ def measured_usd_per_mtok(completions, usd_per_hour: float) -> float:
     tokens / (last token's time - first arrival); the machine costs ``usd_per_hour``.
     """
     usd = _nonneg("usd_per_hour", usd_per_hour)
-    items = list(completions.values()) if isinstance(completions, Mapping) else list(completions)
+    items = list(completions.values()) if isinstance(completions, Mapping) \
+        else _sequence("completions", completions)
+    if any(not (hasattr(c, "times") and hasattr(c, "arrival")) for c in items):
+        raise TypeError("completions must hold Completion objects (with .arrival and .times)")
     items = [c for c in items if c.times]
     if not items:
         raise ValueError("completions holds no tokens: a run needs at least one token")
@@ -254,10 +251,14 @@ def search_configs(model, options: Sequence[Mapping], tpot_slo: float, ttft_slo:
     option's position in ``options``. A row meets the targets when ``tpot <= tpot_slo``
     and ``ttft <= ttft_slo``.
     """
+    _model(model)
     t_slo = _positive("tpot_slo", tpot_slo)
     f_slo = _positive("ttft_slo", ttft_slo)
+    _count("context", context)
+    _count("prompt_len", prompt_len)
+    _fraction("efficiency", efficiency)
     rows = []
-    for i, opt in enumerate(options):
+    for i, opt in enumerate(_sequence("options", options)):
         if not isinstance(opt, Mapping):
             raise TypeError(f"options[{i}] must be a mapping, got {type(opt).__name__}")
         missing = [k for k in ("gpu", "precision", "n_gpus", "batch", "usd_per_gpu_hour") if k not in opt]
@@ -279,7 +280,7 @@ def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
     identical points only the first is kept. Returned in increasing latency (ties: index).
     """
     pts = []
-    for i, p in enumerate(points):
+    for i, p in enumerate(_sequence("points", points)):
         if not isinstance(p, (tuple, list)) or len(p) != 2:
             raise TypeError(f"points[{i}] must be a (latency, cost) pair, got {p!r}")
         pts.append((_number(f"points[{i}][0]", p[0]), _number(f"points[{i}][1]", p[1]), i))
@@ -474,10 +475,10 @@ def tornado(fn: Callable[[Mapping], float], base: Mapping, ranges: Mapping) -> l
     every other at base. Returns ``(name, fn at low, fn at high)`` sorted by the swing
     ``|high - low|``, largest first (ties: name).
     """
-    if not isinstance(base, Mapping) or not isinstance(ranges, Mapping):
-        raise TypeError("base and ranges must be mappings")
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    for name, value in (("base", base), ("ranges", ranges)):
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{name} must be a mapping (a dict), got {type(value).__name__} {value!r}")
+    _v.check_callable("fn", fn)
     out = []
     for name, pair in ranges.items():
         if name not in base:
@@ -538,7 +539,7 @@ def spot_job_time(work_seconds: float, interval_seconds: float, checkpoint_secon
     tau = _positive("interval_seconds", interval_seconds)
     delta = _nonneg("checkpoint_seconds", checkpoint_seconds)
     restart = _nonneg("restart_seconds", restart_seconds)
-    times = [_nonneg(f"preemptions[{i}]", p) for i, p in enumerate(preemptions)]
+    times = [_nonneg(f"preemptions[{i}]", p) for i, p in enumerate(_sequence("preemptions", preemptions))]
     if any(b < a for a, b in zip(times, times[1:])):
         raise ValueError("preemptions must be in increasing order")
     t, done, hits, k = 0.0, 0.0, 0, 0

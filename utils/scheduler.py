@@ -42,6 +42,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from . import validate as _v
+
 __all__ = ["Job", "Segment", "Schedule", "pods", "best_fit", "make_jobs", "simulate",
            "validate_schedule", "metrics", "POLICIES"]
 
@@ -49,19 +51,25 @@ POLICIES = ("fifo", "backfill", "priority")
 
 
 def _int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(value)
+    return _v.check_int(name, value, low=minimum)
 
 
 def _time(name, value, positive=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
-    return float(value)
+    return float(_v.check_positive(name, value) if positive else _v.check_nonnegative(name, value))
+
+
+def _seq(name, value) -> list:
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple, range)):
+        raise TypeError(f"{name} must be a list or tuple, got {type(value).__name__} {value!r}")
+    return list(value)
+
+
+def _jobs(jobs) -> list:
+    out = _seq("jobs", jobs)
+    for j in out:
+        if not isinstance(j, Job):
+            raise TypeError(f"jobs must hold Job objects, got {type(j).__name__}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -121,9 +129,9 @@ def best_fit(free: Sequence[int], pod_sizes: Sequence[int]):
     it (ties: lowest index). Returns a list of (node, GPUs) in placement order, or None when
     some pod does not fit (nothing is placed: all or nothing). ``free`` is not modified.
     """
-    left = [_int(f"free[{i}]", f, 0) for i, f in enumerate(free)]
+    left = [_int(f"free[{i}]", f, 0) for i, f in enumerate(_seq("free", free))]
     out = []
-    for size in sorted((_int("pod size", s) for s in pod_sizes), reverse=True):
+    for size in sorted((_int("pod_sizes element", s) for s in _seq("pod_sizes", pod_sizes)), reverse=True):
         fits = [i for i, f in enumerate(left) if f >= size]
         if not fits:
             return None
@@ -146,8 +154,12 @@ def make_jobs(n: int, seed: int = 0, mean_gap: float = 600.0,
     rng = random.Random(_int("seed", seed, 0))
     _time("mean_gap", mean_gap, positive=True)
     _time("median_duration", median_duration, positive=True)
-    if len(sizes) != len(weights) or not sizes:
-        raise ValueError("sizes and weights must have the same, non-zero length")
+    sizes = [_int("sizes element", g) for g in _seq("sizes", sizes)]
+    weights = [float(_v.check_nonnegative("weights element", x)) for x in _seq("weights", weights)]
+    if len(sizes) != len(weights) or not sizes or not sum(weights) > 0:
+        raise ValueError("sizes and weights must have the same, non-zero length, and some weight > 0")
+    _v.check_positive("sigma", sigma)
+    _v.check_probability("high_priority_share", high_priority_share)
     jobs, t = [], 0.0
     for i in range(n):
         t += rng.expovariate(1.0 / mean_gap)
@@ -164,14 +176,14 @@ def simulate(jobs: Sequence[Job], n_nodes: int, gpus_per_node: int = 8, policy: 
     """Run the trace through the cluster under ``policy`` (see the module docstring)."""
     nn = _int("n_nodes", n_nodes)
     gpn = _int("gpus_per_node", gpus_per_node)
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    _v.check_choice("policy", policy, POLICIES)
+    _v.check_bool("preempt", preempt)
+    _v.check_callable("placement", placement)
+    jobs = _jobs(jobs)
     if preempt and policy != "priority":
         raise ValueError("preempt=True needs policy='priority'")
     seen = set()
     for j in jobs:
-        if not isinstance(j, Job):
-            raise TypeError(f"jobs must be Job objects, got {type(j).__name__}")
         if j.jid in seen:
             raise ValueError(f"job id {j.jid} appears twice")
         seen.add(j.jid)
@@ -297,6 +309,7 @@ def validate_schedule(schedule: Schedule, jobs: Sequence[Job]) -> None:
     """
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+    jobs = _jobs(jobs)
     nn, gpn = schedule.n_nodes, schedule.gpus_per_node
     capacity = nn * gpn
     by_id = {j.jid: j for j in jobs}
@@ -358,7 +371,7 @@ def metrics(schedule: Schedule, jobs: Sequence[Job]) -> dict:
     """
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
-    by_id = {j.jid: j for j in jobs}
+    by_id = {j.jid: j for j in _jobs(jobs)}
     first, last = {}, {}
     busy = 0.0
     for s in schedule.segments:
