@@ -19,13 +19,12 @@ SI units: bit/s per pin, bits of bus width, bytes per second.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping, Optional
 
 from . import hardware
+from .validate import check_positive
 
 __all__ = ["MemoryTech", "GPUMemory", "TECHNOLOGIES", "GPU_MEMORY", "interface_bandwidth",
            "implied_pin_rate", "tech", "gpu_memory", "decode_ceiling"]
@@ -34,13 +33,7 @@ Gbps = 1e9      # bit/s per pin
 
 
 def _positive(name: str, x) -> float:
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(x).__name__} {x!r}")
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x!r}")
-    if x <= 0:
-        raise ValueError(f"{name} must be positive, got {x!r}")
-    return float(x)
+    return float(check_positive(name, x))
 
 
 def interface_bandwidth(pin_rate: float, bus_width: float) -> float:

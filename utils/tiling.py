@@ -29,6 +29,8 @@ from typing import Iterable, Mapping
 
 import torch
 
+from .validate import check_int, check_tensor
+
 __all__ = ["FastMemory", "tiled_matmul", "fast_bytes_needed", "matmul_traffic", "best_tile",
            "io_lower_bound", "flash_attention", "standard_attention_hbm_accesses",
            "flash_attention_hbm_accesses", "cache_levels", "plateaus", "CACHE_ROOT"]
@@ -38,24 +40,14 @@ CACHE_ROOT = "/sys/devices/system/cpu/cpu0/cache"
 
 
 # --------------------------------------------------------------------------- validation
-# (local checks; they name the argument and what was wrong)
+# (the course's shared validators; each error names the argument and what was wrong)
 
 def _int(name: str, x, minimum: int = 1) -> int:
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(x).__name__} {x!r}")
-    if x < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {x}")
-    return int(x)
+    return check_int(name, x, low=minimum)
 
 
 def _tensor(name: str, x, ndim: int | None = None) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if ndim is not None and x.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    return x
+    return check_tensor(name, x, ndim=ndim, floating=True)
 
 
 # --------------------------------------------------------------------------- fast memory
