@@ -50,16 +50,19 @@ def test_fp_grid_decodes_every_code_like_torch(fmt, dtype):
     assert _same_bits(Q.fp_grid(fmt), ref).all()
 
 
-def test_fp_grid_e2m1_matches_torch_float4():
-    if not hasattr(torch, "float4_e2m1fn_x2"):
-        pytest.skip("this torch has no float4_e2m1fn_x2")
-    # two codes per byte, low nibble first: byte b holds codes (b & 15, b >> 4)
-    packed = torch.arange(16, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
-    try:
-        ref = packed.view(torch.uint8)  # no float conversion for packed fp4 on CPU everywhere
-    except Exception:  # pragma: no cover
-        pytest.skip("float4 cannot be viewed on this build")
-    assert ref.tolist() == list(range(16))
+def test_e2m1_rounding_is_nearest_with_ties_to_even():
+    grid = Q.fp_grid("e2m1")[:8].float()                       # 0, 0.5, 1, 1.5, 2, 3, 4, 6 (codes 0..7)
+    x = torch.cat([torch.rand(20_000, generator=torch.Generator().manual_seed(11)) * 7,
+                   (grid[:-1] + grid[1:]) / 2])
+    got = Q.fp8_round(x, "e2m1")
+    dist = (x[:, None] - grid[None, :]).abs()
+    best = dist.min(1, keepdim=True).values
+    # among the nearest codes (two on a tie) take the even one
+    candidates = (dist == best) & (torch.arange(8) % 2 == 0)[None, :]
+    fallback = dist == best
+    pick = torch.where(candidates.any(1), candidates.float().argmax(1), fallback.float().argmax(1))
+    expected = torch.where(x > 6, torch.tensor(6.0), grid[pick])
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("fmt, dtype", [("e4m3", torch.float8_e4m3fn), ("e5m2", torch.float8_e5m2)])
@@ -419,3 +422,25 @@ def test_awq_search_never_worse_than_rtn():
     assert torch.allclose(Q.awq_search(w, x, 3, 32, grid=1)[0], Q.int_quantize_groups(w, 3, 32), atol=1e-5)
     with pytest.raises(ValueError, match="features"):
         Q.awq_search(w, x[:, :10])
+
+
+def test_dynamic_int8_warnings_decide_on_simulated_noise(capsys):
+    base = {"bytes_fp32": 4_000_000, "bytes_int8": 1_010_000, "seconds_fp32": 4e-4, "seconds_int8": 1.6e-4}
+    assert Q.dynamic_int8_warnings(base) == []
+    assert capsys.readouterr().out == ""
+    g = torch.Generator().manual_seed(12)
+    for _ in range(50):                        # int8 timings scaled by a random factor 0.4 to 4
+        noisy = dict(base, seconds_int8=base["seconds_int8"] * float(torch.empty(1).uniform_(0.4, 4.0, generator=g)))
+        warns = Q.dynamic_int8_warnings(noisy, report=False)
+        slower = noisy["seconds_int8"] > noisy["seconds_fp32"]
+        assert [w[0] for w in warns] == (["int8 dynamic linear speed"] if slower else [])
+    warns = Q.dynamic_int8_warnings(dict(base, bytes_int8=2_000_000, seconds_int8=1e-3))
+    assert [w[0] for w in warns] == ["int8 state dict size", "int8 dynamic linear speed"]
+    out = capsys.readouterr().out
+    assert out.count("⚠ measurement") == 2 and "0.50" in out
+    with pytest.raises(ValueError, match="lacks"):
+        Q.dynamic_int8_warnings({"bytes_fp32": 1})
+    with pytest.raises(ValueError, match="seconds_int8"):
+        Q.dynamic_int8_warnings(dict(base, seconds_int8=0.0))
+    with pytest.raises(TypeError):
+        Q.dynamic_int8_warnings([1, 2])

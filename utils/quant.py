@@ -47,7 +47,7 @@ __all__ = [
     "bitsandbytes_functional", "nf4_codebook", "nf4_quantize", "nf4_dequantize", "nf4_pack",
     "llm_int8_matmul", "smoothquant_scales", "fake_quant_int8", "awq_search",
     "rtn_quantize", "gptq_quantize", "quantization_error",
-    "quantize_model_weights", "perplexity", "dynamic_int8_benchmark", "fp8_matmul_cuda",
+    "quantize_model_weights", "perplexity", "dynamic_int8_benchmark", "dynamic_int8_warnings", "fp8_matmul_cuda",
 ]
 
 
@@ -747,6 +747,41 @@ def dynamic_int8_benchmark(d_model: int = 1024, n_layers: int = 4, batch: int = 
     return {"bytes_fp32": _state_bytes(fp32), "bytes_int8": _state_bytes(int8),
             "seconds_fp32": min(times["fp32"]), "seconds_int8": min(times["int8"]),
             "max_rel_error": err, "params": sum(p.numel() for p in fp32.parameters())}
+
+
+def dynamic_int8_warnings(result: Mapping, report: bool = True) -> list[tuple[str, str, str, str]]:
+    """Hold a :func:`dynamic_int8_benchmark` result to the model; never raises for a timing.
+
+    The model: int8 weights take about a quarter of fp32's bytes (0.30 allowed for biases,
+    which stay fp32, and pickling), and an int8 linear is not slower than fp32 on a CPU
+    with int8 dot-product instructions. Each disagreement is a tuple ``(what, expected,
+    got, likely cause)``; with ``report`` each is also passed to
+    ``utils.checks.measurement_warning`` (a ⚠ line, not a failure).
+    """
+    if not isinstance(result, Mapping):
+        raise TypeError(f"result must be the dict from dynamic_int8_benchmark, got {type(result).__name__}")
+    need = ("bytes_fp32", "bytes_int8", "seconds_fp32", "seconds_int8")
+    missing = [k for k in need if k not in result]
+    if missing:
+        raise ValueError(f"result lacks {', '.join(missing)}")
+    for k in need:
+        _check_float(f"result[{k!r}]", result[k], positive=True)
+    out = []
+    ratio = result["bytes_int8"] / result["bytes_fp32"]
+    if ratio > 0.30:
+        out.append(("int8 state dict size", "at most 0.30 of fp32's bytes", f"{ratio:.2f}",
+                    "a different serialization of packed weights in this PyTorch build"))
+    speedup = result["seconds_fp32"] / result["seconds_int8"]
+    if speedup < 1.0:
+        out.append(("int8 dynamic linear speed", "not slower than fp32 on a CPU with int8 dot products",
+                    f"{speedup:.2f}x fp32's speed", "no VNNI/SDOT instructions on this CPU, or another "
+                    "process busy during the timing; quantizing activations costs time at small sizes"))
+    if report:
+        from .checks import measurement_warning
+
+        for w in out:
+            measurement_warning(*w)
+    return out
 
 
 def fp8_matmul_cuda(a: torch.Tensor, b: torch.Tensor):
