@@ -93,10 +93,10 @@ def _check_float(name: str, v, positive: bool = False, nonneg: bool = False) -> 
 
 # --------------------------------------------------------------------------- formats
 
-_OCP_FP8 = ("OCP 8-bit Floating Point Specification (OFP8), Rev. 1.0 (2023), Table 1; "
-            "Micikevicius et al., 'FP8 Formats for Deep Learning' (2022), Table 1")
-_OCP_MX = ("OCP Microscaling Formats (MX) Specification v1.0 (2023), Section 5.3.3 (FP4 E2M1) "
-           "and Table 1 (MX formats: 32-element blocks, E8M0 shared scale)")
+_OCP_FP8 = ("Micikevicius et al., 'FP8 Formats for Deep Learning' (2022), Table 1; "
+            "OCP 8-bit Floating Point Specification (OFP8), Rev. 1.0 (2023)")
+_OCP_MX = ("OCP Microscaling Formats (MX) Specification v1.0 (September 2023): MXFP4 = E2M1 "
+           "elements, 32 per block, one E8M0 shared scale")
 _QLORA = ("Dettmers et al., 'QLoRA: Efficient Finetuning of Quantized LLMs' (2023), Section 3 "
           "(4-bit NormalFloat, double quantization: 0.127 bits per parameter for the scales)")
 
