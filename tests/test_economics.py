@@ -14,6 +14,12 @@ def test_every_price_is_dated_and_sourced():
         assert len(p.date) == 10 and p.date[4] == "-" and p.source and p.usd_per_hour > 0
 
 
+def test_price_history_is_dated_and_in_order():
+    for series in econ.PRICE_HISTORY.values():
+        dates = [d for d, _, _ in series]
+        assert dates == sorted(dates) and all(p > 0 and src for _, p, src in series)
+
+
 def test_price_lookup_errors():
     with pytest.raises(KeyError, match="unknown price"):
         econ.price("nope")

@@ -42,7 +42,7 @@ from . import models as _models
 from . import validate as _v
 
 __all__ = [
-    "SECONDS_PER_HOUR", "HOURS_PER_YEAR", "Price", "PRICES", "price", "PRECISIONS",
+    "SECONDS_PER_HOUR", "HOURS_PER_YEAR", "Price", "PRICES", "PRICE_HISTORY", "price", "PRECISIONS",
     "serving_cost", "measured_usd_per_mtok", "DEEPSEEK_DAY6", "deepseek_ledger",
     "search_configs", "pareto_front",
     "OnPremConfig", "DGX_H100_WORKED", "onprem_cost_per_gpu_hour", "cost_per_used_gpu_hour",
@@ -142,6 +142,27 @@ _PRICES = {p.key: p for p in [
 
 #: Dated prices, by key. Read-only.
 PRICES: Mapping[str, Price] = MappingProxyType(_PRICES)
+
+
+#: The same offer observed on several dates: (date, $/GPU-hour, where it was read), per
+#: series. All rows from Epoch AI's 'Hardware prices' data set (commit 263c40a), which links
+#: each to the vendor page or an archived copy of it.
+PRICE_HISTORY = MappingProxyType({
+    "Lambda, 1x H100 SXM 80GB, on-demand": (
+        ("2024-01-29", 3.49, "lambdalabs.com/service/gpu-cloud"),
+        ("2024-07-11", 3.49, "web.archive.org/web/20240711213314/https://lambdalabs.com/service/gpu-cloud"),
+        ("2024-09-01", 2.99, "web.archive.org/web/20240901231348/https://lambdalabs.com/service/gpu-cloud"),
+        ("2024-11-29", 3.29, "web.archive.org/web/20241119072257/https://lambdalabs.com/service/gpu-cloud"),
+        ("2025-02-28", 3.29, "web.archive.org/web/20250228210058/https://lambdalabs.com/service/gpu-cloud"),
+    ),
+    "Lambda, 1x A100 SXM4 40GB, on-demand": (
+        ("2022-08-04", 1.10, "github.com/the-full-stack/website, docs/cloud-gpus/cloud-gpus.csv"),
+        ("2023-01-10", 1.10, "github.com/the-full-stack/website, docs/cloud-gpus/cloud-gpus.csv"),
+        ("2024-07-11", 1.29, "web.archive.org/web/20240711213314/https://lambdalabs.com/service/gpu-cloud"),
+        ("2024-09-01", 1.29, "web.archive.org/web/20240901231348/https://lambdalabs.com/service/gpu-cloud"),
+        ("2024-11-29", 1.29, "web.archive.org/web/20241119072257/https://lambdalabs.com/service/gpu-cloud"),
+    ),
+})
 
 
 def price(key: str) -> Price:
