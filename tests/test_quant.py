@@ -356,6 +356,16 @@ def test_tiny_model_gptq_beats_rtn_at_3_bits(one_thread):
     assert Q.perplexity(model, text) == base
     with pytest.raises(ValueError, match="method"):
         Q.quantize_model_weights(model, "awq", 4)
+    with pytest.raises(TypeError, match="model"):
+        Q.quantize_model_weights(torch.nn.Linear(2, 2), "rtn", 4)
+    with pytest.raises(TypeError, match="calib_tokens"):
+        Q.quantize_model_weights(model, "gptq", 4, calib_tokens=None)
+    with pytest.raises(TypeError, match="quantize_fn"):
+        Q.quantize_model_weights(model, "gptq", 4, calib, quantize_fn=3)
+    with pytest.raises(TypeError, match="model"):
+        Q.perplexity("tiny-target", text)
+    with pytest.raises(ValueError, match="shorter"):
+        Q.perplexity(model, "ab c")
 
 
 # --------------------------------------------------------------------------- measured
@@ -368,6 +378,8 @@ def test_dynamic_int8_benchmark_shape_of_result():
     assert r["seconds_fp32"] > 0 and r["seconds_int8"] > 0
     with pytest.raises(ValueError, match="d_model"):
         Q.dynamic_int8_benchmark(d_model=2)
+    with pytest.raises(TypeError, match="batch"):
+        Q.dynamic_int8_benchmark(batch=2.5)
 
 
 @pytest.mark.gpu

@@ -583,6 +583,11 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, damp: float = 0.0
     return Q.float()
 
 
+def _check_tiny_model(name: str, model) -> None:
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config") or not hasattr(model, "blocks"):
+        raise TypeError(f"{name} must be a tiny model (utils.tiny.TinyTransformer), got {type(model).__name__}")
+
+
 def _block_linears(model) -> list[tuple[str, torch.nn.Linear]]:
     return [(name, mod) for name, mod in model.named_modules()
             if isinstance(mod, torch.nn.Linear) and name.startswith("blocks.")]
@@ -600,6 +605,9 @@ def quantize_model_weights(model, method: str, bits: int, calib_tokens: torch.Te
     """
     import copy
 
+    _check_tiny_model("model", model)
+    if quantize_fn is not None and not callable(quantize_fn):
+        raise TypeError(f"quantize_fn must be callable, got {type(quantize_fn).__name__}")
     if method not in ("rtn", "gptq"):
         raise ValueError(f"method must be 'rtn' or 'gptq', got {method!r}")
     bits = _check_int("bits", bits, lo=2, hi=8)
@@ -636,6 +644,7 @@ def perplexity(model, text: str, seq_len: int | None = None) -> float:
     """exp(mean next-character cross-entropy) of a tiny model over ``text``, in windows of ``seq_len``."""
     from . import tiny
 
+    _check_tiny_model("model", model)
     if not isinstance(text, str) or len(text) < 2:
         raise ValueError("text must be a string of at least 2 characters")
     seq_len = _check_int("seq_len", seq_len or model.config.max_seq_len, lo=2)
@@ -727,6 +736,7 @@ def dynamic_int8_benchmark(d_model: int = 1024, n_layers: int = 4, batch: int = 
     n_layers = _check_int("n_layers", n_layers, lo=1)
     batch = _check_int("batch", batch, lo=1)
     repeats = _check_int("repeats", repeats, lo=1)
+    seed = _check_int("seed", seed, lo=0)
     torch.manual_seed(seed)
     fp32 = torch.nn.Sequential(*[torch.nn.Linear(d_model, d_model) for _ in range(n_layers)]).eval()
     with warnings.catch_warnings():
