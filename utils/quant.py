@@ -39,6 +39,8 @@ from typing import Callable, Mapping
 
 import torch
 
+from . import validate as _v
+
 __all__ = [
     "FormatInfo", "FORMATS", "format_info", "bits_per_weight", "GPTQ_LLAMA_WIKI2",
     "NF4_QLORA_OFFSET", "LLM_INT8_THRESHOLD",
@@ -52,43 +54,21 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- validation
-# Small local checks (the shared ``utils.validate`` did not exist when this was written).
+# Thin adapters over the shared validators of ``utils.validate``.
 
 def _check_tensor(name: str, x, dtypes=None, ndim=None, finite: bool = True) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if dtypes is not None and x.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {x.dtype}")
-    if ndim is not None and x.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-    if finite and x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
-        bad = "NaN" if bool(torch.isnan(x).any()) else "inf"
-        raise ValueError(f"{name} contains {bad}; quantization needs finite values")
+    _v.check_tensor(name, x, ndim=ndim, dtype=tuple(dtypes) if dtypes else None)
+    if finite and x.is_floating_point() and x.numel():
+        _v.check_finite_tensor(name, x)
     return x
 
 
 def _check_int(name: str, v, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    v = int(v)
-    if lo is not None and v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise ValueError(f"{name} must be <= {hi}, got {v}")
-    return v
+    return _v.check_int(name, v, low=lo, high=hi)
 
 
 def _check_float(name: str, v, positive: bool = False, nonneg: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if positive and v <= 0:
-        raise ValueError(f"{name} must be > 0, got {v}")
-    if nonneg and v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return v
+    return float(_v.check_number(name, v, positive=positive, nonnegative=nonneg))
 
 
 # --------------------------------------------------------------------------- formats
