@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.checks import ExerciseFailed, NotAttempted
+from utils import collectives as coll
+from utils.checks import ExerciseFailed, LibraryAnswer, NotAttempted
 from utils.checks import ch13 as check
 
 # Logic tests hold the checkers to the library reference; refusal: tests/test_library_answers.py
@@ -360,6 +361,13 @@ def test_comm_counter():
     finally:
         for n, f in originals.items():
             setattr(dist, n, f)
+
+
+def test_comm_counter_refuses_the_course_counter(monkeypatch):
+    import utils.checks
+    monkeypatch.setattr(utils.checks, "_ALLOW_LIBRARY", False)   # this module allows it
+    with pytest.raises(LibraryAnswer, match="utils.collectives.CommCounter"):
+        check.comm_counter(coll.CommCounter)
 
 
 def test_comm_formulas():

@@ -113,6 +113,29 @@ def waits_for_the_wrong_peer(x, rank, n):
     return x
 
 
+def blocking_ring_reduce_scatter(x, rank, n):
+    # every rank sends before it receives, with blocking calls: a cycle of waiting senders
+    chunks = [c.clone() for c in x.reshape(-1).tensor_split(n)]
+    for s in range(n - 1):
+        si, ri = (rank - s - 1) % n, (rank - s - 2) % n
+        buf = torch.empty_like(chunks[ri])
+        dist.send(chunks[si], (rank + 1) % n)
+        dist.recv(buf, (rank - 1) % n)
+        chunks[ri] += buf
+    return chunks[rank]
+
+
+def all_gather_with_buffers_sized_like_mine(chunk, rank, n, numel):
+    # each received piece is assumed to be as long as this rank's own: wrong for uneven pieces
+    pieces = [None] * n
+    pieces[rank] = chunk.clone()
+    for s in range(n - 1):
+        buf = torch.empty_like(chunk)
+        exchange(pieces[(rank - s) % n], (rank + 1) % n, buf, (rank - 1) % n)
+        pieces[(rank - s - 1) % n] = buf
+    return torch.cat(pieces)
+
+
 def three_parts(err, name):
     msg = str(err)
     assert msg.startswith(f"exercise {name}: "), msg
@@ -226,6 +249,23 @@ def test_deadlock_is_reported_with_the_stuck_calls(monkeypatch):
         check.ring_all_reduce(waits_for_the_wrong_peer)
     msg = three_parts(e.value, "ring_all_reduce")
     assert "did not finish" in msg and "recv" in msg
+
+
+def test_ring_of_blocking_sends_gets_the_post_the_receive_hint(monkeypatch):
+    monkeypatch.setattr(check, "TIMEOUT_S", 4.0)
+    with pytest.raises(ExerciseFailed) as e:
+        check.ring_reduce_scatter(blocking_ring_reduce_scatter)
+    msg = three_parts(e.value, "ring_reduce_scatter")
+    assert "did not finish" in msg and "in send" in msg
+    assert "Post the receive together with the send" in msg and "isend" in msg
+
+
+def test_uneven_pieces_get_the_uneven_pieces_hint():
+    with pytest.raises(ExerciseFailed) as e:
+        check.ring_all_gather(all_gather_with_buffers_sized_like_mine)
+    msg = three_parts(e.value, "ring_all_gather")
+    assert "Received data size doesn't match" in msg, msg
+    assert "Pieces of unequal size" in msg and "Connection reset" not in msg.split("hint:")[0]
 
 
 # --------------------------------------------------------------------------- alpha-beta

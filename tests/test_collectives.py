@@ -1,4 +1,4 @@
-"""utils.collectives: busbw factors, the alpha-beta costs, the fit, the crossover, send counting.
+"""utils.collectives: busbw factors, the alpha-beta costs, the fit, the crossover, CommCounter.
 
 Expected values are worked out by hand here (nccl-tests' PERFORMANCE.md for the factors, the
 algorithms' schedules for steps and bytes), never by calling the code under test twice.
@@ -138,34 +138,138 @@ def test_fit_rejects_bad_data(args, words):
         coll.fit_alpha_beta(*args)
 
 
-# --------------------------------------------------------------------------- counting sends
+# --------------------------------------------------------------------------- CommCounter
+# Bytes below are worked out by hand from the tensors' sizes (float32: 4 bytes an element).
 
-def _count_worker(rank, world_size):
+def _p2p_worker(rank, world_size):
+    import torch.distributed.distributed_c10d as c10d
+    originals = [(m, n, getattr(m, n)) for m in (dist, c10d) for n in ("send", "isend", "recv",
+                                                                          "irecv")]
     right, left = (rank + 1) % world_size, (rank - 1) % world_size
     x = torch.ones(10)                                 # 40 bytes
     buf = torch.empty(10)
-    with coll.count_sends() as blocking:
+    with coll.CommCounter() as blocking:
         if rank == 0:
             dist.send(x, 1)                            # send() calls isend() inside: count once
         elif rank == 1:
             dist.recv(buf, 0)
-    with coll.count_sends() as batched:
-        ops = [dist.P2POp(dist.isend, x[:5].contiguous(), right), dist.P2POp(dist.irecv, buf[:5], left)]
+    with coll.CommCounter() as batched:
+        # P2POp made inside the block: its own check must still recognise the counted isend
+        ops = [dist.P2POp(dist.isend, x[:5].contiguous(), right),
+               dist.P2POp(dist.irecv, buf[:5], left)]
         for req in dist.batch_isend_irecv(ops):
             req.wait()
         req = dist.isend(x, dst=right)
         dist.recv(buf, left)
         req.wait()
-    restored = dist.send.__name__ == "send" and not hasattr(dist.isend, "__wrapped__")
-    return blocking.bytes, blocking.messages, batched.bytes, batched.messages, \
-        dict(batched.peers), restored
+    restored = all(getattr(m, n) is f for m, n, f in originals)
+    return (blocking.sent, blocking.messages, blocking.counts(), blocking.payload(),
+            batched.sent, batched.messages, dict(batched.peers), batched.counts(),
+            batched.payload(), [(c.kind, c.peer) for c in batched.calls],
+            batched.ring_bytes(world_size), batched.volume(), restored)
 
 
-def test_count_sends_counts_each_send_once():
-    results = launch(_count_worker, 3, timeout=30)
-    assert results[0][:2] == (40, 1)
-    assert results[1][:2] == (0, 0)
-    for rank, (_, _, nbytes, messages, peers, restored) in enumerate(results):
-        assert (nbytes, messages) == (20 + 40, 2)
-        assert peers == {(rank + 1) % 3: 60}
+def test_counter_counts_point_to_point_once_per_call():
+    results = launch(_p2p_worker, 3, timeout=30)
+    assert results[0][:4] == (40, 1, {"send": 1}, {"send": 40})
+    assert results[1][:4] == (0, 0, {"recv": 1}, {"recv": 40})
+    assert results[2][:4] == (0, 0, {}, {})
+    for rank, r in enumerate(results):
+        sent, messages, peers, counts, payload, calls, ring, volume, restored = r[4:]
+        right, left = (rank + 1) % 3, (rank - 1) % 3
+        assert (sent, messages) == (20 + 40, 2)
+        assert peers == {right: 60}
+        assert counts == {"send": 2, "recv": 2}
+        assert payload == {"send": 60, "recv": 60}
+        assert calls == [("send", right), ("recv", left), ("send", right), ("recv", left)]
+        assert ring == 60 and volume == 60        # a send counts in full, a receive not at all
         assert restored
+
+
+def _collectives_worker(rank, world_size):
+    original = dist.all_reduce
+    with coll.CommCounter() as outer:
+        with coll.CommCounter() as inner:
+            innermost = coll.CommCounter.innermost() is inner
+            t = torch.ones(10, dtype=torch.float64)            # 80 bytes
+            dist.all_reduce(t)
+        back_to_outer = coll.CommCounter.innermost() is outer
+        out = torch.empty(5, dtype=torch.float32)
+        dist.reduce_scatter_single(out, torch.ones(10))        # 40-byte input
+        full = torch.empty(12, dtype=torch.float32)
+        dist.all_gather_single(full, torch.full((6,), float(rank)))   # 48-byte output
+        old = torch.empty(12, dtype=torch.float32)
+        dist.all_gather_into_tensor(old, torch.ones(6))        # runs all_gather_single: once
+        b = torch.arange(4, dtype=torch.int64)
+        dist.broadcast(b, src=0)                               # 32 bytes
+        parts = [torch.empty(3) for _ in range(world_size)]
+        dist.all_gather(parts, torch.ones(3))                  # list of 2 x 12 bytes
+    restored = dist.all_reduce is original and coll.CommCounter.innermost() is None
+    return (t.tolist(), out.tolist(), full.tolist(), inner.by_kind(), outer.by_kind(),
+            outer.counts(), outer.volume(), outer.ring_bytes(world_size),
+            [c.function for c in outer.calls], innermost and back_to_outer, restored)
+
+
+def test_counter_counts_and_runs_the_collectives():
+    results = launch(_collectives_worker, 2)
+    for rank, r in enumerate(results):
+        t, out, full, inner, outer, counts, volume, ring, functions, nested, restored = r
+        assert t == [2.0] * 10 and out == [2.0] * 5
+        assert full == [0.0] * 6 + [1.0] * 6
+        assert inner == {"all_reduce": 80, "reduce_scatter": 0, "all_gather": 0, "broadcast": 0}
+        assert outer == {"all_reduce": 80, "reduce_scatter": 40, "all_gather": 48 + 48 + 24,
+                         "broadcast": 32}
+        assert counts == {"all_reduce": 1, "reduce_scatter": 1, "all_gather": 3, "broadcast": 1}
+        assert volume == 2 * 80 + 40 + 120 + 32
+        assert ring == pytest.approx(volume / 2)   # (N - 1) / N of the volume, N = 2
+        assert functions == ["all_reduce", "reduce_scatter_single", "all_gather_single",
+                             "all_gather_into_tensor", "broadcast", "all_gather"]
+        assert nested and restored
+
+
+def test_counter_in_one_process_restores_even_after_an_error():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        original = dist.all_reduce
+        with coll.CommCounter() as c:
+            t = torch.ones(4)
+            dist.all_reduce(t)
+            dist.all_reduce(torch.ones(2, dtype=torch.bfloat16))
+        assert dist.all_reduce is original
+        assert c.counts() == {"all_reduce": 2} and c.payload() == {"all_reduce": 20}
+        assert c.ring_bytes(4) == pytest.approx(2 * 3 / 4 * 20)
+        assert c.ring_bytes(1) == 0
+        assert torch.equal(t, torch.ones(4))
+        with pytest.raises(RuntimeError, match="already active"):
+            with c:
+                with c:
+                    pass
+        assert dist.all_reduce is original
+        with pytest.raises(ZeroDivisionError):
+            with coll.CommCounter():
+                1 / 0
+        assert dist.all_reduce is original and coll.CommCounter.innermost() is None
+        c.clear()
+        assert c.calls == [] and c.by_kind() == dict.fromkeys(coll.COLLECTIVE_KINDS, 0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_counter_record_by_hand_and_bad_input():
+    c = coll.CommCounter()
+    c.record("all_reduce", 100, "DDP bucket")
+    c.record("send", 8, peer=3)
+    assert c.calls == [coll.Call("all_reduce", "DDP bucket", 100),
+                       coll.Call("send", "send", 8, 3)]
+    assert c.by_kind() == {"all_reduce": 100, "reduce_scatter": 0, "all_gather": 0,
+                           "broadcast": 0, "send": 8}
+    assert c.volume() == 208 and c.ring_bytes(4) == 150 + 8
+    assert (c.sent, c.messages, dict(c.peers)) == (8, 1, {3: 8})
+    with pytest.raises(ValueError, match="kind must be one of"):
+        c.record("all_to_all", 8)
+    for bad in (-1, 2.5, True, None):
+        with pytest.raises(ValueError, match="nbytes"):
+            c.record("send", bad)
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="world_size"):
+            c.ring_bytes(bad)

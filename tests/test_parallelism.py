@@ -206,38 +206,3 @@ def test_bucket_assignment_matches_pytorch():
         cap = int(torch.randint(1, 300, (1,), generator=gen))
         theirs, _ = compute([torch.empty(s) for s in sizes], [cap])
         assert [list(b) for b in theirs] == par.bucket_assignment([4 * s for s in sizes], cap)
-
-
-# ---------------------------------------------------------------------------- counter
-def test_comm_counter_in_one_process():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        original = dist.all_reduce
-        with par.CommCounter() as c:
-            t = torch.ones(4)
-            dist.all_reduce(t)
-            dist.all_reduce(torch.ones(2, dtype=torch.bfloat16))
-        assert dist.all_reduce is original
-        assert c.calls == {"all_reduce": 2} and c.payload == {"all_reduce": 20}
-        assert c.sent_bytes(4) == pytest.approx(2 * 3 / 4 * 20)
-        assert torch.equal(t, torch.ones(4))
-    finally:
-        dist.destroy_process_group()
-
-
-def _p2p(rank, world_size):
-    with par.CommCounter() as c:
-        if rank == 0:
-            dist.send(torch.ones(3), dst=1)
-            dist.isend(torch.ones(2, dtype=torch.float64), dst=1).wait()
-        else:
-            dist.recv(torch.empty(3), src=0)
-            dist.irecv(torch.empty(2, dtype=torch.float64), src=0).wait()
-    return c.calls, c.payload
-
-
-def test_comm_counter_counts_point_to_point():
-    from utils.dist import launch
-    sender, receiver = launch(_p2p, 2)
-    assert sender == ({"send": 2}, {"send": 28})
-    assert receiver == ({"recv": 2}, {"recv": 28})

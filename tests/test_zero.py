@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from utils import zero
+from utils.collectives import COLLECTIVE_KINDS
 from utils.dist import launch
 
 CFG = zero.LAB_CONFIG
@@ -77,45 +78,7 @@ def test_reference_first_step_is_sign_descent_with_weight_decay():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
 
 
-# -- the counter ---------------------------------------------------------------------------
-def test_counter_rejects_bad_input():
-    c = zero.CollectiveCounter()
-    with pytest.raises(ValueError):
-        c.record("all_to_all", 8)
-    with pytest.raises(ValueError):
-        c.ring_bytes(0)
-
-
-def _counting_worker(rank, world_size):
-    original = dist.all_reduce
-    with zero.CollectiveCounter() as outer:
-        with zero.CollectiveCounter() as inner:
-            t = torch.ones(10, dtype=torch.float64)            # 80 bytes
-            dist.all_reduce(t)
-        out = torch.empty(5, dtype=torch.float32)
-        dist.reduce_scatter_single(out, torch.ones(10))        # 40-byte input
-        full = torch.empty(12, dtype=torch.float32)
-        dist.all_gather_single(full, torch.full((6,), float(rank)))   # 48-byte output
-        b = torch.arange(4, dtype=torch.int64)
-        dist.broadcast(b, src=0)                               # 32 bytes
-        parts = [torch.empty(3) for _ in range(world_size)]
-        dist.all_gather(parts, torch.ones(3))                  # list of 2 x 12 bytes
-    restored = dist.all_reduce is original
-    return (t.tolist(), out.tolist(), full.tolist(), inner.by_kind(), outer.by_kind(),
-            outer.volume(), outer.ring_bytes(world_size), len(outer.calls), restored)
-
-
-def test_counter_counts_and_runs_the_collectives():
-    results = launch(_counting_worker, 2)
-    for rank, (t, out, full, inner, outer, volume, ring, calls, restored) in enumerate(results):
-        assert t == [2.0] * 10 and out == [2.0] * 5
-        assert full == [0.0] * 6 + [1.0] * 6
-        assert inner == {"all_reduce": 80, "reduce_scatter": 0, "all_gather": 0, "broadcast": 0}
-        assert outer == {"all_reduce": 80, "reduce_scatter": 40, "all_gather": 48 + 24,
-                         "broadcast": 32}
-        assert volume == 2 * 80 + 40 + 72 + 32
-        assert ring == pytest.approx(volume / 2)
-        assert calls == 5 and restored
+# (The counter itself, utils.collectives.CommCounter, is tested in test_collectives.py.)
 
 
 # -- the harness ---------------------------------------------------------------------------
@@ -177,7 +140,7 @@ def test_pytorch_engines_match_the_reference_and_the_formulas():
         for r in per_rank:
             for got, want in zip(r["full"], ref["units"]):
                 torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-            for k in zero.KINDS:
+            for k in COLLECTIVE_KINDS:
                 assert r["traffic"][-1][k] == sent.get(k, 0), (ranks, k)
             if held:
                 assert r["held"] == held

@@ -11,25 +11,26 @@
   builds (Thakur, Rabenseifner and Gropp 2005; Patarasuk and Yuan 2009).
 * **Fitting** ``alpha`` and ``beta`` to measured times (:func:`fit_alpha_beta`), and the
   message size at which two algorithms cost the same (:func:`crossover_size`).
-* :func:`count_sends` counts the bytes this process sends through ``torch.distributed``'s
-  point-to-point calls, to hold a hand-written collective to its byte count.
+* **Counting traffic**: :class:`CommCounter` counts, inside one rank, every collective and
+  point-to-point call made through ``torch.distributed`` and the bytes each one carries, to
+  hold a hand-written collective, a parallel layer or a ZeRO stage to its byte count. The
+  course has this one counter; chapters 09, 13 and 14 and their checkers all use it.
 
 Sizes are bytes, times seconds, bandwidths B/s, ``beta`` s/B.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = ["COLLECTIVES", "ALL_REDUCE_ALGORITHMS", "busbw_factor", "algbw", "busbw", "Cost",
-           "ring_cost", "all_reduce_cost", "fit_alpha_beta", "crossover_size", "SendCount",
-           "count_sends"]
+           "ring_cost", "all_reduce_cost", "fit_alpha_beta", "crossover_size", "KINDS",
+           "COLLECTIVE_KINDS", "Call", "CommCounter"]
 
 #: The collectives nccl-tests reports bus bandwidth for, in the order of PERFORMANCE.md.
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all")
@@ -205,66 +206,214 @@ def crossover_size(alpha: float, beta: float, n: int, small: str = "recursive_do
     return max(0.0, alpha * d_steps / (beta * d_bytes))
 
 
-# --------------------------------------------------------------------------- counting sends
+# --------------------------------------------------------------------------- counting traffic
 
-@dataclass
-class SendCount:
-    """Bytes and messages this process sent, and to whom (``peers``: rank -> bytes)."""
+#: What :class:`CommCounter` records: the four collectives, then point-to-point sends and
+#: receives (``isend`` counts as ``"send"``, ``irecv`` as ``"recv"``).
+KINDS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "send", "recv")
+COLLECTIVE_KINDS = KINDS[:4]
 
-    bytes: int = 0
-    messages: int = 0
-    peers: Counter = field(default_factory=Counter)
+# name in torch.distributed -> (kind, index and keyword of the argument that holds the bytes)
+_COUNTED = {
+    "all_reduce": ("all_reduce", 0, "tensor"),
+    "reduce_scatter_single": ("reduce_scatter", 1, "input"),
+    "reduce_scatter_tensor": ("reduce_scatter", 1, "input"),
+    "reduce_scatter": ("reduce_scatter", 1, "input_list"),
+    "all_gather_single": ("all_gather", 0, "output_tensor"),
+    "all_gather_into_tensor": ("all_gather", 0, "output_tensor"),
+    "all_gather": ("all_gather", 0, "tensor_list"),
+    "broadcast": ("broadcast", 0, "tensor"),
+    "send": ("send", 0, "tensor"),
+    "isend": ("send", 0, "tensor"),
+    "recv": ("recv", 0, "tensor"),
+    "irecv": ("recv", 0, "tensor"),
+}
+# Also replaced in distributed_c10d, so that P2POp(dist.isend, ...) inside the block passes
+# P2POp's own check (it compares the op with that module's isend and irecv).
+_P2P = ("send", "isend", "recv", "irecv")
+# Bytes a rank sends, in ZeRO's units (Rajbhandari et al. 2020, Section 7), per byte counted.
+_VOLUME = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1, "broadcast": 1, "send": 1,
+           "recv": 0}
+_ACTIVE: list = []   # the counters whose ``with`` block is running, innermost last
 
-    def add(self, tensor, peer) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        self.bytes += nbytes
-        self.messages += 1
-        self.peers[peer] += nbytes
+
+def _nbytes(x) -> int:
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(t) for t in x)
+    return x.numel() * x.element_size()
 
 
-def _peer(args, kwargs):
-    for key in ("dst", "group_dst"):
+def _peer(args, kwargs, kind):
+    """The peer rank of a send (``dst``) or a receive (``src``); None for a collective."""
+    if kind not in ("send", "recv"):
+        return None
+    keys = ("dst", "group_dst") if kind == "send" else ("src", "group_src")
+    for key in keys:
         if kwargs.get(key) is not None:
             return int(kwargs[key])
-    return int(args[0]) if args and args[0] is not None else None
+    return int(args[1]) if len(args) > 1 and args[1] is not None else None
 
 
-@contextlib.contextmanager
-def count_sends():
-    """Count what ``torch.distributed.send`` and ``isend`` send in this process (ranks only).
+@dataclass(frozen=True)
+class Call:
+    """One call: its kind (one of :data:`KINDS`), the ``torch.distributed`` function called,
+    the bytes of its full tensor (the all-reduced tensor, the reduce-scatter input, the
+    all-gather output, the tensor sent or received) and, for a send or receive, the peer."""
 
-    ``with count_sends() as sent: ...`` then ``sent.bytes``, ``sent.messages``, ``sent.peers``.
-    Sends made through ``P2POp(dist.isend, ...)`` and ``batch_isend_irecv`` are counted too:
-    both ``torch.distributed`` and ``torch.distributed.distributed_c10d`` are patched for the
-    duration of the block, so ``P2POp``'s own check still recognises ``isend``.
+    kind: str
+    function: str
+    nbytes: int
+    peer: int | None = None
+
+
+class CommCounter:
+    """Count the communication a rank makes through ``torch.distributed`` in a ``with`` block.
+
+    ::
+
+        with CommCounter() as c:
+            dist.all_reduce(t)
+            dist.send(x, dst=1)
+        c.counts()     # {'all_reduce': 1, 'send': 1}
+        c.payload()    # {'all_reduce': t.numel() * t.element_size(), 'send': ...}
+        c.sent, c.messages, c.peers   # point-to-point bytes sent, sends, bytes per peer
+
+    While active it replaces ``dist.all_reduce``, ``dist.reduce_scatter_single``,
+    ``dist.all_gather_single``, ``dist.broadcast`` (and the older ``reduce_scatter_tensor``,
+    ``all_gather_into_tensor``, list-based ``all_gather`` and ``reduce_scatter``),
+    ``dist.send``, ``dist.isend``, ``dist.recv`` and ``dist.irecv`` with wrappers that record
+    the call and then run it; the originals come back on exit, also after an error. Code
+    that calls ``dist.<name>(...)`` is counted, whether yours, FSDP's or
+    ``ZeroRedundancyOptimizer``'s, and so are sends and receives made through
+    ``P2POp``/``batch_isend_irecv``. A function imported by name before the block
+    (``from torch.distributed import all_reduce``) is not, nor DDP's C++ reducer (count it
+    with a communication hook that calls :meth:`record`). A call that runs another counted
+    call inside it (``send`` runs ``isend``) counts once.
+
+    ``calls`` lists every :class:`Call`. Summaries: :meth:`counts` and :meth:`payload` per
+    kind called; :meth:`by_kind` with every collective listed; :meth:`volume` in ZeRO's units
+    (all-reduce ``2n``, the other collectives and a send ``n``, a receive nothing);
+    :meth:`ring_bytes` what a rank of ring collectives sends. :meth:`clear` starts again.
     """
-    import torch.distributed as dist
-    import torch.distributed.distributed_c10d as c10d
 
-    sent = SendCount()
-    originals = {name: getattr(c10d, name) for name in ("send", "isend")}
-    depth = threading.local()  # send() calls isend() inside: count the outermost call only
+    def __init__(self):
+        self.calls: list[Call] = []
+        self._saved: list = []
+        self._depth = threading.local()
 
-    def wrap(fn):
-        @functools.wraps(fn)
-        def counted(tensor, *args, **kwargs):
+    # ------------------------------------------------------------------ recording
+    def record(self, kind: str, nbytes: int, function: str = "", peer: int | None = None) -> None:
+        """Add a call by hand (DDP's C++ all-reduce reaches here through a hook)."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 0:
+            raise ValueError(f"nbytes must be an int >= 0, got {nbytes!r}")
+        self.calls.append(Call(kind, function or kind, int(nbytes), peer))
+
+    def __enter__(self) -> "CommCounter":
+        import torch.distributed as dist
+        import torch.distributed.distributed_c10d as c10d
+
+        if self._saved:
+            raise RuntimeError("this CommCounter is already active")
+        _ACTIVE.append(self)
+        for name, (kind, index, key) in _COUNTED.items():
+            original = getattr(dist, name, None)
+            if original is None:
+                continue
+            counted = self._wrap(name, kind, index, key, original)
+            modules = [dist]
+            if name in _P2P and getattr(c10d, name, None) is original:
+                modules.append(c10d)
+            for module in modules:
+                self._saved.append((module, name, original))
+                setattr(module, name, counted)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        for module, name, original in reversed(self._saved):
+            setattr(module, name, original)
+        self._saved = []
+        return False
+
+    def _wrap(self, name, kind, index, key, original):
+        depth = self._depth
+
+        @functools.wraps(original)
+        def counted(*args, **kwargs):
             level = getattr(depth, "level", 0)
             if level == 0:
-                sent.add(tensor, _peer(args, kwargs))
+                tensor = args[index] if len(args) > index else kwargs[key]
+                self.calls.append(Call(kind, name, _nbytes(tensor), _peer(args, kwargs, kind)))
             depth.level = level + 1
             try:
-                return fn(tensor, *args, **kwargs)
+                return original(*args, **kwargs)
             finally:
                 depth.level = level
         return counted
 
-    wrapped = {name: wrap(fn) for name, fn in originals.items()}
-    try:
-        for name, fn in wrapped.items():
-            setattr(c10d, name, fn)
-            setattr(dist, name, fn)
-        yield sent
-    finally:
-        for name, fn in originals.items():
-            setattr(c10d, name, fn)
-            setattr(dist, name, fn)
+    def clear(self) -> None:
+        self.calls.clear()
+
+    # ------------------------------------------------------------------ summaries
+    def counts(self) -> dict[str, int]:
+        """Number of calls per kind, for the kinds called, in the order first called."""
+        out: dict[str, int] = {}
+        for call in self.calls:
+            out[call.kind] = out.get(call.kind, 0) + 1
+        return out
+
+    def payload(self) -> dict[str, int]:
+        """Bytes per kind (full tensors), for the kinds called, in the order first called."""
+        out: dict[str, int] = {}
+        for call in self.calls:
+            out[call.kind] = out.get(call.kind, 0) + call.nbytes
+        return out
+
+    def by_kind(self) -> dict[str, int]:
+        """Bytes of full tensors per kind: every collective (zeros included), then sends and
+        receives if any were made."""
+        out = dict.fromkeys(COLLECTIVE_KINDS, 0)
+        for call in self.calls:
+            out[call.kind] = out.get(call.kind, 0) + call.nbytes
+        return out
+
+    @property
+    def sent(self) -> int:
+        """Bytes this rank sent point to point (``send`` and ``isend``)."""
+        return sum(c.nbytes for c in self.calls if c.kind == "send")
+
+    @property
+    def messages(self) -> int:
+        """Number of point-to-point sends."""
+        return sum(1 for c in self.calls if c.kind == "send")
+
+    @property
+    def peers(self) -> Counter:
+        """Bytes sent point to point per destination rank."""
+        out: Counter = Counter()
+        for c in self.calls:
+            if c.kind == "send":
+                out[c.peer] += c.nbytes
+        return out
+
+    def volume(self) -> int:
+        """Bytes this rank sends in ZeRO's units (Section 7): an all-reduce of ``n`` bytes
+        ``2n``, a reduce-scatter, all-gather, broadcast or send ``n``, a receive nothing."""
+        return sum(_VOLUME[c.kind] * c.nbytes for c in self.calls)
+
+    def ring_bytes(self, world_size: int) -> float:
+        """Bytes this rank sends when the collectives are rings over ``world_size`` ranks:
+        each collective's volume times ``(N - 1) / N``, plus the point-to-point sends."""
+        if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)) \
+                or world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        ring = sum(_VOLUME[c.kind] * c.nbytes for c in self.calls if c.kind in COLLECTIVE_KINDS)
+        return ring * (world_size - 1) / world_size + self.sent
+
+    @staticmethod
+    def innermost() -> "CommCounter | None":
+        """The innermost counter whose ``with`` block is running in this process, or None."""
+        return _ACTIVE[-1] if _ACTIVE else None

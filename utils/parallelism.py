@@ -12,8 +12,8 @@ Three calculators and one simulator, shared by chapter 13, its lab and its check
   dependencies allow; :func:`schedule` does both, :func:`idle_fraction` measures the
   bubble of the result and :func:`plot_timeline` draws it;
 * **DDP buckets**: :func:`bucket_assignment`, the rule ``DistributedDataParallel`` uses;
-* **counting**: :class:`CommCounter` wraps ``torch.distributed``'s calls inside a rank and
-  counts calls and payload bytes per operation.
+* **counting** what a rank hands to ``torch.distributed`` is
+  :class:`utils.collectives.CommCounter`'s job (calls and payload bytes per operation).
 
 Every quantity is in bytes (SI base unit); a *payload* is the size of the whole tensor a
 collective works on (the input of an all-reduce or reduce-scatter, the output of an
@@ -36,7 +36,7 @@ __all__ = [
     "COLLECTIVES", "collective_bytes", "dp_bytes_per_step", "tp_collectives_per_layer",
     "tp_bytes_per_layer", "pp_bytes_per_microbatch", "CommPerStep", "comm_per_step",
     "bubble_fraction", "SCHEDULES", "pipeline_orders", "assign_slots", "schedule",
-    "idle_fraction", "plot_timeline", "bucket_assignment", "CommCounter",
+    "idle_fraction", "plot_timeline", "bucket_assignment",
 ]
 
 SOURCES = {
@@ -523,86 +523,3 @@ def bucket_assignment(nbytes: Sequence[int], cap_bytes: int) -> list[list[int]]:
     if current:
         buckets.append(current)
     return buckets
-
-
-# ---------------------------------------------------------------------------------------
-# Counting what a rank hands to torch.distributed
-# ---------------------------------------------------------------------------------------
-class CommCounter:
-    """Count ``torch.distributed`` calls and their payload bytes inside one rank.
-
-    ::
-
-        with CommCounter() as c:
-            dist.all_reduce(t)
-        c.calls["all_reduce"], c.payload["all_reduce"]     # 1, t.numel() * t.element_size()
-
-    While active it replaces ``torch.distributed.all_reduce``, ``reduce_scatter_tensor``,
-    ``all_gather_into_tensor``, ``broadcast``, ``send``, ``isend``, ``recv`` and ``irecv``
-    with wrappers that count and then call the original, so it sees calls written as
-    ``dist.all_reduce(...)`` (not a name imported before the counter started, and not
-    DDP's C++ reducer). Payload conventions are :func:`collective_bytes`'s; ``isend`` is
-    counted as ``send`` and ``irecv`` as ``recv``. :meth:`sent_bytes` converts to what a
-    ring implementation sends.
-    """
-
-    _OPS = {  # wrapped function -> (counted as, payload from the arguments)
-        "all_reduce": ("all_reduce", lambda a, k: _nbytes(_arg(a, k, 0, "tensor"))),
-        "reduce_scatter_tensor": ("reduce_scatter", lambda a, k: _nbytes(_arg(a, k, 1, "input"))),
-        "all_gather_into_tensor": ("all_gather",
-                                   lambda a, k: _nbytes(_arg(a, k, 0, "output_tensor"))),
-        "broadcast": ("broadcast", lambda a, k: _nbytes(_arg(a, k, 0, "tensor"))),
-        "send": ("send", lambda a, k: _nbytes(_arg(a, k, 0, "tensor"))),
-        "isend": ("send", lambda a, k: _nbytes(_arg(a, k, 0, "tensor"))),
-        "recv": ("recv", lambda a, k: _nbytes(_arg(a, k, 0, "tensor"))),
-        "irecv": ("recv", lambda a, k: _nbytes(_arg(a, k, 0, "tensor"))),
-    }
-
-    def __init__(self):
-        self.calls: dict[str, int] = {}
-        self.payload: dict[str, int] = {}
-        self.log: list[tuple[str, int]] = []
-        self._saved: dict = {}
-
-    def __enter__(self):
-        import torch.distributed as dist
-
-        if self._saved:
-            raise RuntimeError("this CommCounter is already active")
-        for name, (kind, size) in self._OPS.items():
-            original = getattr(dist, name)
-            self._saved[name] = original
-            setattr(dist, name, self._wrap(original, kind, size))
-        return self
-
-    def __exit__(self, *exc):
-        import torch.distributed as dist
-
-        for name, original in self._saved.items():
-            setattr(dist, name, original)
-        self._saved = {}
-        return False
-
-    def _wrap(self, original, kind, size):
-        def counted(*args, **kwargs):
-            nbytes = size(args, kwargs)
-            self.calls[kind] = self.calls.get(kind, 0) + 1
-            self.payload[kind] = self.payload.get(kind, 0) + nbytes
-            self.log.append((kind, nbytes))
-            return original(*args, **kwargs)
-
-        counted.__wrapped__ = original
-        return counted
-
-    def sent_bytes(self, world_size: int) -> float:
-        """Bytes this rank sent, assuming ring collectives over ``world_size`` ranks."""
-        return sum(collective_bytes(kind, nbytes, world_size)
-                   for kind, nbytes in self.log if kind != "recv")
-
-
-def _arg(args, kwargs, i, name):
-    return args[i] if len(args) > i else kwargs[name]
-
-
-def _nbytes(t) -> int:
-    return t.numel() * t.element_size()

@@ -3,11 +3,12 @@
 The lab builds ZeRO stages 1, 2 and 3 by hand; this module holds what measures them and
 what they are held to, so the lab notebook and its checkers share one copy:
 
-* :class:`CollectiveCounter` — a context manager that counts the bytes of every collective
-  called through ``torch.distributed`` (``dist.all_reduce``, ``dist.reduce_scatter_single``,
-  ``dist.all_gather_single``, ``dist.broadcast`` and the older names), by the calling code,
-  PyTorch's FSDP and ``ZeroRedundancyOptimizer`` alike. DDP's gradient all-reduce runs in
-  C++ and is counted through a communication hook, :func:`counting_allreduce_hook`.
+* Traffic is counted with the course's one counter, :class:`utils.collectives.CommCounter`,
+  which sees every collective called through ``torch.distributed`` (``dist.all_reduce``,
+  ``dist.reduce_scatter_single``, ``dist.all_gather_single``, ``dist.broadcast`` and the
+  older names), by the calling code, PyTorch's FSDP and ``ZeroRedundancyOptimizer`` alike.
+  DDP's gradient all-reduce runs in C++ and is counted through a communication hook,
+  :func:`counting_allreduce_hook`.
 * :func:`storage_bytes` — the bytes a set of tensors actually occupies: each distinct
   storage once, so views of one flat buffer are not counted twice and a storage resized to
   zero counts zero.
@@ -29,7 +30,6 @@ reduce-scatter followed by an all-gather, ``2n``; a broadcast of ``n`` bytes, ``
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Iterable
 
@@ -38,138 +38,29 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .collectives import CommCounter
 from .tiny import TinyConfig, TinyTransformer
 
-__all__ = ["CollectiveCounter", "Call", "KINDS", "counting_allreduce_hook", "storage_bytes",
+__all__ = ["counting_allreduce_hook", "storage_bytes",
            "LAB_CONFIG", "HP", "DTYPE", "MICRO_BATCH", "lab_model", "units", "micro_batch",
            "global_batch", "loss_fn", "flat_params", "reference_run", "train_worker",
            "PYTORCH_VARIANTS", "PyTorchEngine", "PUBLISHED"]
 
 # ---------------------------------------------------------------------------------------
-# Counting collectives
+# Counting collectives: utils.collectives.CommCounter, plus a hook for DDP's C++ reducer
 # ---------------------------------------------------------------------------------------
-# name in torch.distributed -> (kind, how to find the bytes from the call's arguments)
-_COUNTED = {
-    "all_reduce": ("all_reduce", lambda a, k: _nbytes(_arg(a, k, 0, "tensor"))),
-    "reduce_scatter_single": ("reduce_scatter", lambda a, k: _nbytes(_arg(a, k, 1, "input"))),
-    "reduce_scatter_tensor": ("reduce_scatter", lambda a, k: _nbytes(_arg(a, k, 1, "input"))),
-    "reduce_scatter": ("reduce_scatter", lambda a, k: _nbytes(_arg(a, k, 1, "input_list"))),
-    "all_gather_single": ("all_gather", lambda a, k: _nbytes(_arg(a, k, 0, "output_tensor"))),
-    "all_gather_into_tensor": ("all_gather", lambda a, k: _nbytes(_arg(a, k, 0, "output_tensor"))),
-    "all_gather": ("all_gather", lambda a, k: _nbytes(_arg(a, k, 0, "tensor_list"))),
-    "broadcast": ("broadcast", lambda a, k: _nbytes(_arg(a, k, 0, "tensor"))),
-}
-KINDS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
-# Bytes per rank in ZeRO's units, per byte of the collective's full tensor.
-_VOLUME = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1, "broadcast": 1}
-_ACTIVE: list = []   # the counters whose ``with`` block is running, innermost last
-
-
-def _arg(args, kwargs, index, name):
-    return args[index] if len(args) > index else kwargs[name]
-
-
-def _nbytes(x) -> int:
-    if isinstance(x, (list, tuple)):
-        return sum(_nbytes(t) for t in x)
-    return x.numel() * x.element_size()
-
-
-@dataclass(frozen=True)
-class Call:
-    """One collective: its kind (``"all_reduce"``, ``"reduce_scatter"``, ``"all_gather"``,
-    ``"broadcast"``), the ``torch.distributed`` function called, and the bytes of its full
-    tensor (the all-reduced tensor, the reduce-scatter input, the all-gather output)."""
-
-    kind: str
-    function: str
-    nbytes: int
-
-
-class CollectiveCounter:
-    """Count the collectives called through ``torch.distributed`` inside a ``with`` block.
-
-    ``with CollectiveCounter() as c: ...`` replaces ``dist.all_reduce``,
-    ``dist.reduce_scatter_single``, ``dist.all_gather_single``, ``dist.broadcast`` (and the
-    older ``reduce_scatter_tensor``, ``all_gather_into_tensor``, list-based ``all_gather``
-    and ``reduce_scatter``) by wrappers that record each call and then run it; the originals
-    are restored on exit. Code that calls ``dist.<name>(...)`` is counted, whether yours,
-    FSDP's or ``ZeroRedundancyOptimizer``'s; a function imported by name before the block
-    (``from torch.distributed import all_reduce``) is not.
-
-    ``calls`` lists every :class:`Call`; :meth:`volume` sums them in ZeRO's units,
-    :meth:`ring_bytes` in what a rank of a ring sends; :meth:`clear` starts again.
-    """
-
-    def __init__(self):
-        self.calls: list[Call] = []
-        self._saved: dict[str, Callable] = {}
-
-    def record(self, kind: str, nbytes: int, function: str = "") -> None:
-        """Add a collective by hand (DDP's C++ all-reduce reaches here through a hook)."""
-        if kind not in KINDS:
-            raise ValueError(f"unknown collective kind {kind!r}; expected one of {KINDS}")
-        self.calls.append(Call(kind, function or kind, int(nbytes)))
-
-    def __enter__(self) -> "CollectiveCounter":
-        if self._saved:
-            raise RuntimeError("this CollectiveCounter is already active")
-        _ACTIVE.append(self)
-        for name, (kind, size) in _COUNTED.items():
-            original = getattr(dist, name, None)
-            if original is None:
-                continue
-            self._saved[name] = original
-            setattr(dist, name, self._wrap(name, kind, size, original))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _ACTIVE.remove(self)
-        for name, original in self._saved.items():
-            setattr(dist, name, original)
-        self._saved.clear()
-
-    def _wrap(self, name, kind, size, original):
-        def counted(*args, **kwargs):
-            self.calls.append(Call(kind, name, size(args, kwargs)))
-            return original(*args, **kwargs)
-        counted.__wrapped__ = original
-        counted.__name__ = name
-        return counted
-
-    def clear(self) -> None:
-        self.calls.clear()
-
-    def by_kind(self) -> dict[str, int]:
-        """Bytes of full tensors per kind of collective (all four kinds, zeros included)."""
-        out = dict.fromkeys(KINDS, 0)
-        for call in self.calls:
-            out[call.kind] += call.nbytes
-        return out
-
-    def volume(self) -> int:
-        """Bytes one rank sends, in ZeRO's units (Section 7): all-reduce 2n, the others n."""
-        return sum(_VOLUME[c.kind] * c.nbytes for c in self.calls)
-
-    def ring_bytes(self, world_size: int) -> float:
-        """Bytes one rank sends with ring algorithms: the volume times (N - 1) / N."""
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-        return self.volume() * (world_size - 1) / world_size
-
-
-def counting_allreduce_hook(counter: CollectiveCounter | None = None):
+def counting_allreduce_hook(counter: CommCounter | None = None):
     """A DDP communication hook that records each gradient bucket and then all-reduces it
     (averaged), which is what DDP's default hook does.
 
     ``ddp_model.register_comm_hook(None, counting_allreduce_hook(counter))``: DDP's reducer
-    calls the process group from C++, out of reach of :class:`CollectiveCounter`'s wrappers.
+    calls the process group from C++, out of reach of :class:`CommCounter`'s wrappers.
     With ``counter=None`` the bucket goes to whichever counter's ``with`` block is running
     (none: not recorded).
     """
     def hook(state, bucket):
         buf = bucket.buffer()
-        target = counter if counter is not None else (_ACTIVE[-1] if _ACTIVE else None)
+        target = counter if counter is not None else CommCounter.innermost()
         if target is not None:
             target.record("all_reduce", buf.numel() * buf.element_size(), "DDP bucket")
         buf.div_(dist.get_world_size())
@@ -317,7 +208,7 @@ def train_worker(rank: int, world_size: int, engine_factory: Callable, steps: in
                  hp=HP, config: TinyConfig = LAB_CONFIG, dtype: torch.dtype = DTYPE) -> dict:
     """One rank of a data-parallel run: ``engine = engine_factory(model, rank, world_size,
     **hp)``, then ``engine.step(tokens, targets)`` for ``steps`` micro-batches, each inside
-    a :class:`CollectiveCounter`.
+    a :class:`utils.collectives.CommCounter`.
 
     An engine may also define ``held()`` -> ``{"params": [...], "grads": [...],
     "optimizer": [...]}``, the tensors it keeps between steps, and ``shards()`` /
@@ -363,7 +254,7 @@ def train_worker(rank: int, world_size: int, engine_factory: Callable, steps: in
     start = time.perf_counter()
     for step in range(steps):
         tokens, targets = (t.to(device) for t in micro_batch(step, rank, config=config))
-        with CollectiveCounter() as counter:
+        with CommCounter() as counter:
             loss = engine.step(tokens, targets)
         losses.append(float(loss))
         traffic.append({**counter.by_kind(), "volume": counter.volume(),

@@ -11,7 +11,7 @@ learner's result must match it on every rank:
   piece placed at its offset in zeros;
 * all-reduce (ring and recursive doubling): ``dist.all_reduce``.
 
-While the learner's function runs, :func:`utils.collectives.count_sends` counts the bytes
+While the learner's function runs, :class:`utils.collectives.CommCounter` counts the bytes
 each rank sends, which must equal the algorithm's count exactly (``2(n-1)/n * S`` per rank for
 the ring all-reduce). The alpha-beta fit is held to a weighted least-squares oracle on the
 same data; the hang diagnosis to the structured stacks that :class:`utils.dist.LaunchTimeout`
@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from .. import collectives as coll
-from ..dist import LaunchTimeout, RankError, launch
+from ..dist import HINT_SEND_CYCLE, HINT_UNEVEN, LaunchTimeout, RankError, launch
 from . import (exercise, expect_close, expect_dtype, expect_equal, expect_shape, expect_type, fail,
                measurement_warning)
 
@@ -102,9 +102,9 @@ def _rank_cases(rank, n, fn, kind, cases):
             expected = _oracle_all_reduce(x)
             args = (x.clone(), rank, n)
         dist.barrier()  # the oracle's traffic is done before the learner's is counted
-        with coll.count_sends() as sent:
+        with coll.CommCounter() as sent:
             got = fn(*args)
-        results.append({"got": got, "expected": expected, "bytes": sent.bytes,
+        results.append({"got": got, "expected": expected, "bytes": sent.sent,
                         "messages": sent.messages, "peers": dict(sent.peers),
                         "numel": numel, "itemsize": x.element_size()})
     return results
@@ -135,24 +135,29 @@ def _launch(fn_name, kind, fn, n, cases):
     try:
         return launch(_rank_cases, n, fn, kind, cases, timeout=TIMEOUT_S)
     except RankError as err:
-        r = err.ranks[0]
+        r = err.cause
         text = err.tracebacks[r]
         if "NotImplementedError" in text:
             fail(f"{fn_name} on {n} ranks: a stub is still in your code",
                  "every function your answer calls to be implemented",
                  _learner_lines(text), "fill in the remaining stub(s)")
+        hint = ("the lines above are the end of that rank's traceback; try your function on "
+                "one case by hand with utils.dist.launch to reproduce it")
+        if HINT_UNEVEN in str(err):
+            hint = HINT_UNEVEN[len("Hint: "):]
         fail(f"{fn_name} raised on rank {r} of {n}", "your function to run on every rank",
-             _learner_lines(text),
-             "the lines above are the end of that rank's traceback; try your function on one "
-             "case by hand with utils.dist.launch to reproduce it")
+             _learner_lines(text), hint)
     except LaunchTimeout as err:
         where = "; ".join(f"rank {r} in {_innermost(err.stacks[r])}" for r in err.ranks)
+        hint = ("a rank waits for a message that no one sends: check the peers (in a ring, "
+                "rank r sends to r+1 and receives from r-1) and that both sides use tensors "
+                "of the same size (chunk sizes differ when the size does not divide by the "
+                "world size)")
+        if HINT_SEND_CYCLE in str(err):
+            hint = HINT_SEND_CYCLE[len("Hint: "):]
         fail(f"{fn_name} on {n} ranks did not finish within {TIMEOUT_S:g} s",
              "every send matched by a recv on the peer, so every rank finishes",
-             f"stuck: {where}",
-             "a rank waits for a message that no one sends: check the peers (in a ring, rank r "
-             "sends to r+1 and receives from r-1) and that both sides use tensors of the same "
-             "size (chunk sizes differ when the size does not divide by the world size)")
+             f"stuck: {where}", hint)
 
 
 VALUE_HINTS = {

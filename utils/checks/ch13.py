@@ -7,7 +7,7 @@ buckets it all-reduces once it has rebuilt them in gradient-ready order), and
 ``utils.parallelism`` for bucket assignment, pipeline schedules (an event simulation),
 bubbles and communication volumes. Distributed checks run the learner's code in real
 processes with :func:`utils.dist.launch` (gloo on CPU) and count what each rank hands
-to ``torch.distributed`` with :class:`utils.parallelism.CommCounter`.
+to ``torch.distributed`` with :class:`utils.collectives.CommCounter`.
 
 Before launching, each distributed check runs the learner's code once in this process
 at world size 1 (a one-rank gloo group): an unfinished stub then shows up as "not
@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import collectives as coll
 from .. import parallelism as par
 from ..dist import LaunchTimeout, RankError, launch
 from . import exercise, expect_close, expect_equal, expect_shape, expect_type, fail
@@ -52,7 +53,7 @@ def _ranks(fn, world_size, *args, what):
     try:
         return launch(fn, world_size, *args, timeout=_TIMEOUT)
     except RankError as err:
-        rank = err.ranks[0]
+        rank = err.cause
         text = err.tracebacks[rank].strip()
         if _STUB in text:
             fail(f"{what}: a stub is still unfinished", "your code to run on every rank",
@@ -116,7 +117,7 @@ def _backward(y, grad):
 
 
 def _counts(counter):
-    return dict(calls=dict(counter.calls), payload=dict(counter.payload))
+    return dict(calls=counter.counts(), payload=counter.payload())
 
 
 # ----------------------------------------------------------------------------- exercise 1
@@ -137,10 +138,10 @@ def _tp_layers_run(rank, world_size, Column, Row, fc, x, grad_out):
     out["row_shapes"] = {"weight": tuple(row.weight.shape), "bias": tuple(row.bias.shape),
                          "numel": sum(p.numel() for p in row.parameters())}
     xr = x.chunk(world_size, dim=-1)[rank].clone().requires_grad_(True)
-    with par.CommCounter() as fwd:
+    with coll.CommCounter() as fwd:
         yr = row(xr)
     out["row_y"] = yr.detach()
-    with par.CommCounter() as bwd:
+    with coll.CommCounter() as bwd:
         _backward(yr, grad_out)
     out["row_grads"] = (xr.grad, row.weight.grad, row.bias.grad)
     out["row_counts"] = (_counts(fwd), _counts(bwd))
@@ -231,9 +232,9 @@ def tp_linear_layers(Column, Row):
 def _tp_mlp_run(rank, world_size, MLP, fc1, fc2, x, grad_out):
     mlp = MLP(copy.deepcopy(fc1), copy.deepcopy(fc2), rank, world_size)
     xr = x.clone().requires_grad_(True)
-    with par.CommCounter() as fwd:
+    with coll.CommCounter() as fwd:
         y = mlp(xr)
-    with par.CommCounter() as bwd:
+    with coll.CommCounter() as bwd:
         _backward(y, grad_out)
     grads = {name: p.grad for name, p in mlp.named_parameters()}
     return {"y": y.detach(), "x_grad": xr.grad, "grads": grads,
@@ -340,10 +341,10 @@ def _ddp_run(rank, world_size, allreduce_gradients, model, x, y, cap, with_ddp):
     xs, ys = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
     mine = copy.deepcopy(model)
     F.mse_loss(mine(xs), ys).backward()
-    with par.CommCounter() as counter:
+    with coll.CommCounter() as counter:
         allreduce_gradients(list(mine.parameters()), cap)
     out = {"grads": [p.grad.clone() if p.grad is not None else None for p in mine.parameters()],
-           "log": list(counter.log)}
+           "log": [(c.kind, c.nbytes) for c in counter.calls]}
     torch.optim.SGD(mine.parameters(), lr=0.1).step()
     out["params"] = [p.detach().clone() for p in mine.parameters()]
     if with_ddp:
@@ -548,7 +549,7 @@ def _pipe_stage(model, rank, p):
 
 def _pipe_run(rank, world_size, step, model, x, y, order, act_shape):
     stage = copy.deepcopy(_pipe_stage(model, rank, world_size))
-    with par.CommCounter() as counter:
+    with coll.CommCounter() as counter:
         loss = step(stage, rank, world_size, x.clone(), y.clone(), list(order), act_shape)
     if isinstance(loss, torch.Tensor):
         loss = loss.detach()

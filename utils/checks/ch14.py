@@ -153,7 +153,7 @@ def _train(cls, stage):
     try:
         return launch(zero.train_worker, WORLD, cls, STEPS, timeout=180)
     except RankError as err:
-        rank = err.ranks[0]
+        rank = err.cause
         fail(f"ZeRO-{stage}: training on {WORLD} ranks raised on rank(s) {err.ranks}",
              f"{STEPS} steps on each of {WORLD} ranks without an error",
              f"rank {rank}:\n{_tail(err.tracebacks[rank])}",
