@@ -208,7 +208,6 @@ SWEEP: dict[str, E] = {
                                        times=[1e-5, 3e-5, 2e-4])),
     "collectives.crossover_size": E(kw(alpha=1e-6, beta=1e-9, n=8),
                                     allow={"alpha": {"zero"}, "beta": {"zero"}}),
-    "collectives.count_sends": E(kw()),
     # -- parallelism -----------------------------------------------------------------------
     "parallelism.collective_bytes": E(kw(collective="all_reduce", payload=1e6, n=8),
                                       allow={"payload": {"zero"}}),
