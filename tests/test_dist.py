@@ -357,6 +357,12 @@ def test_rank_error_message_puts_the_cause_first():
     assert text.startswith("rank(s) [0, 1] of 2 failed; rank 1 failed first")
     assert text.index("--- rank 1 (the cause) ---") < text.index(HINT_UNEVEN) \
         < text.index("--- rank 0 (lost its connection to a failed peer) ---")
+    both = udist._rank_error({0: "Traceback ...\nValueError: x", 1: "Traceback ...\nValueError: y"},
+                             [1, 0], 2)
+    assert both.cause == 1 and str(both).startswith("rank(s) [0, 1] of 2 failed; rank 1 failed "
+                                                    "first:\n--- rank 1 (first to fail) ---")
+    assert "--- rank 0 (failed too) ---\nValueError: x" in str(both)
+    assert "consequence" not in str(both)
     alone = udist._rank_error({2: "Traceback ...\nValueError: x"}, [2], 3)
     assert alone.cause == 2 and HINT_UNEVEN not in str(alone) and "(the cause)" not in str(alone)
 

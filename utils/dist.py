@@ -300,10 +300,14 @@ def _rank_error(errors, order, world_size):
     ranks = sorted(errors)
     cause = root_cause(errors, order)
     others = [r for r in ranks if r != cause]
+    consequences = [r for r in others if _is_consequence(errors[r])]
     head = f"rank(s) {ranks} of {world_size} failed"
     if others:
-        head += f"; rank {cause} failed first, the others as a consequence"
-    text = f"{head}:\n--- rank {cause}" + (" (the cause)" if others else "") + " ---\n"
+        head += f"; rank {cause} failed first"
+        if len(consequences) == len(others):
+            head += ", the others as a consequence"
+    label = " (the cause)" if consequences else " (first to fail)" if others else ""
+    text = f"{head}:\n--- rank {cause}{label} ---\n"
     text += _add_source(errors[cause])
     if _SIZE_MISMATCH.search(errors[cause]):
         text += "\n" + HINT_UNEVEN
@@ -312,7 +316,7 @@ def _rank_error(errors, order, world_size):
                 else "failed too")
         last = [line for line in errors[r].strip().splitlines() if line.strip()][-1:]
         text += f"\n--- rank {r} ({kind}) ---\n" + "\n".join(last)
-    if any(_is_consequence(errors[r]) for r in others):
+    if consequences:
         text += ("\n(An error like 'Connection closed/reset by peer' is the consequence of "
                  "another rank failing first: look at the cause above.)")
     return RankError(text, ranks, errors, cause)
