@@ -421,7 +421,7 @@ def allreduce_gradients(fn):
     results = _ranks(_ddp_run, 3, fn, model, x, y, 500, False,
                      what="data parallelism by hand on 3 ranks")
     _ddp_compare(results, model, x, y, 500, 3)
-    results = _ranks(_ddp_run, 2, fn, model, x, y, 2000, True,      # DDP takes ~3 s to import
+    results = _ranks(_ddp_run, 2, fn, model, x, y, 2000, True,      # with DDP alongside
                      what="data parallelism by hand on 2 ranks (with DDP alongside)")
     _ddp_compare(results, model, x, y, 2000, 2)
     return ("gradients equal the whole-batch gradient on 1, 2 and 3 ranks; parameters after an "
