@@ -267,9 +267,14 @@ def test_counter_record_by_hand_and_bad_input():
     assert (c.sent, c.messages, dict(c.peers)) == (8, 1, {3: 8})
     with pytest.raises(ValueError, match="kind must be one of"):
         c.record("all_to_all", 8)
-    for bad in (-1, 2.5, True, None):
-        with pytest.raises(ValueError, match="nbytes"):
+    for bad in (-1, 2.5, True, None, float("nan")):
+        with pytest.raises((ValueError, TypeError), match="nbytes"):
             c.record("send", bad)
-    for bad in (0, -2, 2.0, True):
-        with pytest.raises(ValueError, match="world_size"):
+    with pytest.raises((ValueError, TypeError), match="peer"):
+        c.record("send", 8, peer=-1)
+    with pytest.raises(TypeError, match="function"):
+        c.record("send", 8, function=3)
+    for bad in (0, -2, 2.0, True, float("inf")):
+        with pytest.raises((ValueError, TypeError), match="world_size"):
             c.ring_bytes(bad)
+    assert len(c.calls) == 2                      # nothing was recorded by the bad calls

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .validate import check_choice, check_int
+
 __all__ = ["COLLECTIVES", "ALL_REDUCE_ALGORITHMS", "busbw_factor", "algbw", "busbw", "Cost",
            "ring_cost", "all_reduce_cost", "fit_alpha_beta", "crossover_size", "KINDS",
            "COLLECTIVE_KINDS", "Call", "CommCounter"]
@@ -304,11 +306,13 @@ class CommCounter:
     # ------------------------------------------------------------------ recording
     def record(self, kind: str, nbytes: int, function: str = "", peer: int | None = None) -> None:
         """Add a call by hand (DDP's C++ all-reduce reaches here through a hook)."""
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 0:
-            raise ValueError(f"nbytes must be an int >= 0, got {nbytes!r}")
-        self.calls.append(Call(kind, function or kind, int(nbytes), peer))
+        check_choice("kind", kind, KINDS)
+        nbytes = check_int("nbytes", nbytes, low=0)
+        if not isinstance(function, str):
+            raise TypeError(f"function must be a str, got {type(function).__name__}")
+        if peer is not None:
+            peer = check_int("peer", peer, low=0)
+        self.calls.append(Call(kind, function or kind, nbytes, peer))
 
     def __enter__(self) -> "CommCounter":
         import torch.distributed as dist
@@ -407,9 +411,7 @@ class CommCounter:
     def ring_bytes(self, world_size: int) -> float:
         """Bytes this rank sends when the collectives are rings over ``world_size`` ranks:
         each collective's volume times ``(N - 1) / N``, plus the point-to-point sends."""
-        if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)) \
-                or world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        world_size = check_int("world_size", world_size, low=1)
         ring = sum(_VOLUME[c.kind] * c.nbytes for c in self.calls if c.kind in COLLECTIVE_KINDS)
         return ring * (world_size - 1) / world_size + self.sent
 
