@@ -346,6 +346,10 @@ def test_root_cause_skips_errors_that_blame_a_peer():
     assert udist.root_cause({0: reset, 1: mismatch}, order=[0, 1]) == 1
     with pytest.raises(ValueError, match="errors must name"):
         udist.root_cause({})
+    with pytest.raises(TypeError, match="errors must be a dict"):
+        udist.root_cause(["boom"])
+    with pytest.raises(TypeError, match="order must be"):
+        udist.root_cause({0: raised}, order=0)
 
 
 def test_rank_error_message_puts_the_cause_first():

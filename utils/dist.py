@@ -289,8 +289,12 @@ def root_cause(errors, order=None):
     consequence of a peer's failure ("Connection reset/closed by peer", "Broken pipe"); if
     every error is such a consequence, the first of them.
     """
+    if not isinstance(errors, dict) or not all(isinstance(t, str) for t in errors.values()):
+        raise TypeError(f"errors must be a dict of rank -> error text, got {errors!r:.80}")
     if not errors:
         raise ValueError("errors must name at least one failed rank, got none")
+    if order is not None and not isinstance(order, (list, tuple)):
+        raise TypeError(f"order must be a list of ranks or None, got {order!r:.80}")
     order = [r for r in (order or sorted(errors)) if r in errors]
     order += [r for r in sorted(errors) if r not in order]
     causes = [r for r in order if not _is_consequence(errors[r])]
