@@ -70,6 +70,7 @@ __all__ = [
     "expect_type",
     "describe",
     "expect_flops_bytes",
+    "expect_raises",
     "REPORT_ENV",
 ]
 
@@ -867,3 +868,22 @@ def expect_flops_bytes(got: Any, what: str = "the result") -> tuple:
             fail(what, f"{name} as a number", f"{type(part).__name__}: {part!r}",
                  "return plain Python numbers, e.g. int(...)")
     return got
+
+
+def expect_raises(call: Callable[[], Any], kinds: type | tuple[type, ...], what: str,
+                  expected: str, hint: str = "") -> BaseException:
+    """Run ``call()``; it must raise one of ``kinds``. Returns the exception.
+
+    A stub's ``NotImplementedError`` passes through (the exercise is not attempted yet);
+    another kind of error, or none, fails with ``what``/``expected``/``hint``.
+    """
+    __tracebackhide__ = True
+    try:
+        call()
+    except NotImplementedError:
+        raise
+    except kinds as err:
+        return err
+    except Exception as err:  # the wrong kind of error
+        fail(what, expected, f"{type(err).__name__}: {err}", hint)
+    fail(what, expected, "no error", hint)

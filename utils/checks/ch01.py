@@ -21,22 +21,8 @@ import torch.nn.functional as F
 
 from .. import bench
 from ..tiling import FastMemory
-from . import (describe, exercise, expect_close, expect_dtype, expect_equal, expect_shape,
-               expect_type, fail, measurement_warning)
-
-
-def _raises(call, kinds, what, expected, hint):
-    """Run ``call()``; it must raise one of ``kinds``."""
-    __tracebackhide__ = True
-    try:
-        call()
-    except NotImplementedError:
-        raise
-    except kinds as err:
-        return err
-    except Exception as err:
-        fail(what, expected, f"{type(err).__name__}: {err}", hint)
-    fail(what, expected, "no error", hint)
+from . import (describe, exercise, expect_close, expect_dtype, expect_equal, expect_raises,
+               expect_shape, expect_type, fail, measurement_warning)
 
 
 def _fast_bytes(tm, tn, tk, s):
@@ -86,11 +72,11 @@ def tiled_matmul(fn):
             fail(f"{call} left buffers in fast memory", "0 bytes resident at the end",
                  f"{mem.resident} bytes", "free every buffer you load or alloc")
     A, B = torch.ones(8, 8), torch.ones(8, 8)
-    _raises(lambda: fn(A, B, FastMemory(100), 4, 4, 4), ValueError,
+    expect_raises(lambda: fn(A, B, FastMemory(100), 4, 4, 4), ValueError,
             "tiles 4x4x4 of float32 (192 bytes) with a 100-byte fast memory",
             "a ValueError raised before any work, naming the bytes the tiles need",
             "check (tm*tn + tm*tk + tk*tn) * itemsize <= mem.capacity first")
-    _raises(lambda: fn(A, torch.ones(7, 8), FastMemory(10_000), 2, 2, 2), ValueError,
+    expect_raises(lambda: fn(A, torch.ones(7, 8), FastMemory(10_000), 2, 2, 2), ValueError,
             "A 8x8 times B 7x8", "a ValueError (inner sizes differ)", "check A.shape[1] == B.shape[0]")
     return "equals torch.matmul; bytes read and written equal the closed form; never overflows"
 
@@ -137,7 +123,7 @@ def best_tile(fn):
                  "over every tile that fits)", f"{got}, which moves {mine} bytes",
                  "traffic does not depend on tk, but tk takes capacity; search the C tile")
         ratios.append(mine / (2 * m * n * k / math.sqrt(capacity / s) * s))
-    _raises(lambda: fn(8, 8, 8, 8, 4), ValueError, "best_tile(8, 8, 8, capacity=8, itemsize=4)",
+    expect_raises(lambda: fn(8, 8, 8, 8, 4), ValueError, "best_tile(8, 8, 8, capacity=8, itemsize=4)",
             "a ValueError: 8 bytes cannot hold three 4-byte elements",
             "even 1x1x1 tiles need 3 * itemsize bytes")
     return (f"minimal traffic; {ratios[0]:.2f}x the tight I/O lower bound 2mnk/sqrt(M) at "
@@ -173,9 +159,9 @@ def flash_attention(fn):
                      "the row maximum grows; divide by the sum only at the end"
                      + ("; mask keys after the query (j > i) in the causal case" if causal else ""))
     q = torch.randn(1, 4, 8)
-    _raises(lambda: fn(q, q, q, False, 0, 4), ValueError, "block_q=0",
+    expect_raises(lambda: fn(q, q, q, False, 0, 4), ValueError, "block_q=0",
             "a ValueError naming block_q", "blocks must be positive ints")
-    _raises(lambda: fn(q, torch.randn(1, 4, 7), q, False, 4, 4), ValueError,
+    expect_raises(lambda: fn(q, torch.randn(1, 4, 7), q, False, 4, 4), ValueError,
             "k of shape (1, 4, 7) with q of shape (1, 4, 8)", "a ValueError about the shapes",
             "q, k and v must share the batch dimensions and head width")
     return "equals SDPA (causal and not; fp32, fp64, bf16; ragged blocks; a peaked row)"
@@ -213,9 +199,9 @@ def attention_hbm_accesses(fn):
                      hint="Bc = ceil(M/(4d)), Tc = ceil(N/Bc); every outer iteration reads all "
                      "of Q, O, l, m and writes O, l, m; K and V are read once; step 2 writes "
                      "O, l, m once")
-    _raises(lambda: fn(1024, 64, 100), ValueError, "M=100 with d=64",
+    expect_raises(lambda: fn(1024, 64, 100), ValueError, "M=100 with d=64",
             "a ValueError: M must hold at least 4*d elements", "check M >= 4 * d")
-    _raises(lambda: fn(0, 64, 4096), ValueError, "N=0", "a ValueError naming N",
+    expect_raises(lambda: fn(0, 64, 4096), ValueError, "N=0", "a ValueError naming N",
             "N, d and M must be positive ints")
     r = _standard(4096, 64) / _flash(4096, 64, 49152)
     return f"Algorithms 0 and 1 counted exactly; at N=4096, d=64, M=48K: {r:.1f}x fewer accesses"
@@ -317,7 +303,7 @@ def plateaus(fn):
     got = fn([(2**25, 10e9), (2**26, 12e9)], levels)
     expect_equal(got, {"L3": 10e9, "DRAM": 12e9}, "plateaus with no points in L1 or L2",
                  hint="w equal to a capacity still fits that level")
-    _raises(lambda: fn([(4096, -1.0)], levels), ValueError, "a negative bandwidth",
+    expect_raises(lambda: fn([(4096, -1.0)], levels), ValueError, "a negative bandwidth",
             "a ValueError naming the bad bandwidth", "check each bandwidth is positive and finite")
     return "points grouped by the level they fit in; medians per level"
 

@@ -15,23 +15,10 @@ import numbers
 import torch
 
 from .. import bench, hardware, memtech
-from . import (describe, exercise, expect_close, expect_equal, expect_type, fail,
+from . import (describe, exercise, expect_close, expect_equal, expect_raises, expect_type, fail,
                measurement_warning)
 
 _BAD_NUMBERS = [0, -1.0, float("nan"), float("inf")]
-
-
-def _raises(call, kinds, what, expected, hint):
-    __tracebackhide__ = True
-    try:
-        call()
-    except NotImplementedError:
-        raise
-    except kinds as err:
-        return err
-    except Exception as err:
-        fail(what, expected, f"{type(err).__name__}: {err}", hint)
-    fail(what, expected, "no error", hint)
 
 
 def _number(x, what):
@@ -48,11 +35,11 @@ def _bad_input(fn, names):
         for bad in _BAD_NUMBERS:
             args = [good[n] for n in names]
             args[i] = bad
-            _raises(lambda: fn(*args), ValueError, f"{fn.__name__}({', '.join(map(repr, args))})",
+            expect_raises(lambda: fn(*args), ValueError, f"{fn.__name__}({', '.join(map(repr, args))})",
                     f"a ValueError naming {name}", f"check {name} is finite and positive")
         args = [good[n] for n in names]
         args[i] = "16"
-        _raises(lambda: fn(*args), TypeError, f"{fn.__name__} with {name}='16' (a string)",
+        expect_raises(lambda: fn(*args), TypeError, f"{fn.__name__} with {name}='16' (a string)",
                 f"a TypeError naming {name}", "check the type before doing arithmetic")
 
 
@@ -147,9 +134,9 @@ def stream_op(fn):
                          hint=f"STREAM counts {words} arrays of n elements for {kind} "
                          "(each array read or written once), times the element size")
     a = torch.ones(4)
-    _raises(lambda: fn("dot", a, a.clone(), a.clone(), 1.0), ValueError, "stream_op('dot', ...)",
+    expect_raises(lambda: fn("dot", a, a.clone(), a.clone(), 1.0), ValueError, "stream_op('dot', ...)",
             "a ValueError naming the unknown kind", "accept only copy, scale, add and triad")
-    _raises(lambda: fn("add", a, torch.ones(5), a.clone(), 1.0), ValueError,
+    expect_raises(lambda: fn("add", a, torch.ones(5), a.clone(), 1.0), ValueError,
             "stream_op('add') with arrays of 4, 5 and 4 elements", "a ValueError about the sizes",
             "the three arrays must have the same shape")
     return "copy, scale, add, triad in place; 2, 2, 3, 3 arrays counted"

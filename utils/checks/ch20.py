@@ -15,23 +15,11 @@ import warnings
 import torch
 
 from .. import quant
-from . import describe, exercise, expect_close, expect_dtype, expect_equal, expect_shape, expect_type, fail
+from . import (describe, exercise, expect_close, expect_dtype, expect_equal, expect_raises,
+               expect_shape, expect_type, fail)
 
 
 # --------------------------------------------------------------------------- helpers
-
-def _raises(call, kinds, what, expected, hint):
-    """Run ``call()``; it must raise one of ``kinds``."""
-    __tracebackhide__ = True
-    try:
-        call()
-    except NotImplementedError:
-        raise
-    except kinds as err:
-        return err
-    except Exception as err:
-        fail(what, expected, f"{type(err).__name__}: {err}", hint)
-    fail(what, expected, "no error", hint)
 
 
 def _same_bits(got: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
@@ -110,10 +98,10 @@ def int8_quantize(fn):
                          hint="q = clamp(round(x / scale) + zero_point, -128, 127); torch.round rounds "
                               "ties to even, as torch does; broadcast per-channel scales along dim")
             n += 1
-    _raises(lambda: fn(torch.tensor([1.0, math.nan]), None, True), ValueError,
+    expect_raises(lambda: fn(torch.tensor([1.0, math.nan]), None, True), ValueError,
             "int8_quantize(x with a NaN)", "a ValueError that says x has a NaN",
             "check torch.isfinite(x).all() first: a NaN would poison the scale")
-    _raises(lambda: fn(torch.zeros(2, 3), 2, True), (ValueError, IndexError),
+    expect_raises(lambda: fn(torch.zeros(2, 3), 2, True), (ValueError, IndexError),
             "int8_quantize(x of shape (2, 3), dim=2)", "a ValueError naming dim",
             "dim must be in [-x.dim(), x.dim() - 1]")
     return (f"{n} cases, absmax and zero-point, per tensor and per channel, equal to "
@@ -180,7 +168,7 @@ def fp8_round(fn):
                       "e5m2 rounds to nearest; from the midpoint 61440 on the result is ±inf"),
                   }.get(kind, "round to nearest, ties to the even mantissa; keep the sign (also of 0)"))
         total += x.numel()
-    _raises(lambda: fn(torch.zeros(3), "e3m4"), ValueError, "fp8_round(x, 'e3m4')",
+    expect_raises(lambda: fn(torch.zeros(3), "e3m4"), ValueError, "fp8_round(x, 'e3m4')",
             "a ValueError naming the unknown format", "accept only 'e4m3' and 'e5m2'")
     return f"{total} inputs (every value, every midpoint and its neighbours, random bits), bit-exact against torch"
 
@@ -243,9 +231,9 @@ def nf4_quantize(fn):
                  f"code {int(codes[i])}",
                  "normalize x · (1/absmax) in float32, clamp to [-1, 1], take the nearest code value "
                  "(a value exactly between two goes to the lower one); an all-zero block maps to code 7")
-    _raises(lambda: fn(torch.tensor([1.0, math.nan]), 64), ValueError, "nf4_quantize(x with a NaN)",
+    expect_raises(lambda: fn(torch.tensor([1.0, math.nan]), 64), ValueError, "nf4_quantize(x with a NaN)",
             "a ValueError that says x has a NaN", "check torch.isfinite(x).all() first")
-    _raises(lambda: fn(torch.ones(8), 0), ValueError, "nf4_quantize(x, block_size=0)",
+    expect_raises(lambda: fn(torch.ones(8), 0), ValueError, "nf4_quantize(x, block_size=0)",
             "a ValueError naming block_size", "block_size must be a positive int")
     return f"{len(cases)} tensors (partial and all-zero blocks included), codes and absmax equal to bitsandbytes"
 
@@ -287,7 +275,7 @@ def llm_int8_matmul(fn):
                           "x[:, outliers] @ dequantized w[:, outliers].T in float")
     err_mixed = (fn(x.clone(), w.clone(), 6.0) - exact).abs().mean().item()
     err_plain = (fn(x.clone(), w.clone(), 0.0) - exact).abs().mean().item()
-    _raises(lambda: fn(torch.ones(2, 3), torch.ones(4, 5), 6.0), ValueError,
+    expect_raises(lambda: fn(torch.ones(2, 3), torch.ones(4, 5), 6.0), ValueError,
             "llm_int8_matmul(x [2, 3], w [4, 5])", "a ValueError: 3 input features vs 5 weight columns",
             "check x.shape[1] == w.shape[1]")
     return (f"equal to bitsandbytes at thresholds 6, 0, 20; mean error {err_mixed:.4f} with the "
@@ -343,7 +331,7 @@ def gptq_quantize(fn):
                  "at least 97% (a rounding tie may flip a few)", f"{agree:.1%}",
                  "process the columns in order 0, 1, …; quantize the updated column, not the original")
         details.append(f"{bits}-bit {e_got / e_rtn:.2f}× RTN's error")
-    _raises(lambda: fn(torch.ones(3, 4), torch.eye(5), 4), ValueError,
+    expect_raises(lambda: fn(torch.ones(3, 4), torch.eye(5), 4), ValueError,
             "gptq_quantize(w [3, 4], h [5, 5], 4)", "a ValueError: h must be [4, 4]",
             "check h.shape == (w.shape[1], w.shape[1])")
     return "; ".join(details)

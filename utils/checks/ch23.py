@@ -15,23 +15,11 @@ from typing import Mapping
 
 from .. import economics as econ
 from .. import inference_cost as ic
-from . import describe, exercise, expect_close, expect_equal, expect_type, fail, measurement_warning
+from . import (describe, exercise, expect_close, expect_equal, expect_raises, expect_type, fail,
+               measurement_warning)
 
 _COST_KEYS = ("tpot", "ttft", "output_tokens_per_s", "input_tokens_per_s", "usd_per_m_output",
               "usd_per_m_input")
-
-
-def _raises(call, kinds, what, expected, hint):
-    __tracebackhide__ = True
-    try:
-        call()
-    except NotImplementedError:
-        raise
-    except kinds as err:
-        return err
-    except Exception as err:
-        fail(what, expected, f"{type(err).__name__}: {err}", hint)
-    fail(what, expected, "no error", hint)
 
 
 def _dict_with(got, keys, what, hint):
@@ -74,7 +62,7 @@ def serving_cost(fn):
                           (3, 0, "batch 0"), (7, float("nan"), "a NaN price")]:
         args = list(good)
         args[i] = bad
-        _raises(lambda: fn(*args), (ValueError, TypeError), f"serving_cost with {label}",
+        expect_raises(lambda: fn(*args), (ValueError, TypeError), f"serving_cost with {label}",
                 "a ValueError (or TypeError) naming the argument",
                 "check the arguments first: precision in economics.PRECISIONS, counts >= 1, "
                 "a finite price >= 0")
@@ -120,10 +108,10 @@ def deepseek_ledger(fn):
                       "to 1B in the post)")
     expect_close(got["margin"], base["published_margin"], rtol=2e-3, atol=0.0,
                  what="the margin against DeepSeek's published 545%")
-    _raises(lambda: fn({**base, "cache_hit_tokens": 700e9}), (ValueError,),
+    expect_raises(lambda: fn({**base, "cache_hit_tokens": 700e9}), (ValueError,),
             "deepseek_ledger with more cache hits than input tokens", "a ValueError",
             "cache_hit_tokens cannot exceed input_tokens")
-    _raises(lambda: fn({**base, "usd_per_gpu_hour": -2.0}), (ValueError,),
+    expect_raises(lambda: fn({**base, "usd_per_gpu_hour": -2.0}), (ValueError,),
             "deepseek_ledger with a negative price", "a ValueError", "prices must be >= 0")
     return (f"cost ${got['cost']:,.0f}, revenue ${got['revenue']:,.0f}, margin {got['margin']:.0%} "
             f"(published $87,072, $562,027, 545%); 3 days")
@@ -253,9 +241,9 @@ def measured_usd_per_mtok(fn, measured=None, predicted=None, usd_per_hour=None):
                      what=f"measured_usd_per_mtok({label}, {usd})",
                      hint="throughput = all tokens / (last token's time - first arrival); "
                           "$/Mtok = usd_per_hour / 3600 / throughput x 1e6")
-    _raises(lambda: fn(hand, -1.0), (ValueError,), "measured_usd_per_mtok with a negative price",
+    expect_raises(lambda: fn(hand, -1.0), (ValueError,), "measured_usd_per_mtok with a negative price",
             "a ValueError", "check usd_per_hour >= 0")
-    _raises(lambda: fn([], 1.0), (ValueError,), "measured_usd_per_mtok with no completions",
+    expect_raises(lambda: fn([], 1.0), (ValueError,), "measured_usd_per_mtok with no completions",
             "a ValueError", "an empty run has no throughput: raise ValueError")
     detail = "throughput -> $/Mtok on 3 runs; bad input refused"
     if measured is not None and predicted is not None and usd_per_hour is not None:

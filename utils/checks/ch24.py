@@ -16,20 +16,7 @@ from dataclasses import replace
 
 from .. import economics as econ
 from .. import scheduler as sch
-from . import describe, exercise, expect_close, expect_equal, expect_type, fail
-
-
-def _raises(call, kinds, what, expected, hint):
-    __tracebackhide__ = True
-    try:
-        call()
-    except NotImplementedError:
-        raise
-    except kinds as err:
-        return err
-    except Exception as err:
-        fail(what, expected, f"{type(err).__name__}: {err}", hint)
-    fail(what, expected, "no error", hint)
+from . import describe, exercise, expect_close, expect_equal, expect_raises, expect_type, fail
 
 
 # ----------------------------------------------------------------------------- exercise 1
@@ -86,7 +73,7 @@ def break_even_utilization(fn):
                  rtol=1e-9, atol=0.0, what="break_even_utilization(worked DGX H100, $0.50/h)",
                  hint="return the ratio even when it is above 1: renting is then cheaper at any utilization")
     for bad, label in [(-3.0, "a negative price"), (0.0, "a zero price"), (float("nan"), "a NaN price")]:
-        _raises(lambda: fn(econ.DGX_H100_WORKED, bad), (ValueError,), f"break_even_utilization with {label}",
+        expect_raises(lambda: fn(econ.DGX_H100_WORKED, bad), (ValueError,), f"break_even_utilization with {label}",
                 "a ValueError naming cloud_usd_per_gpu_hour", "the cloud price must be a finite number > 0")
     u = econ.break_even_utilization(econ.DGX_H100_WORKED, econ.price("aws-p5-h100").usd_per_hour)
     return f"13 cases; owning a DGX H100 beats AWS on-demand above {u:.1%} utilization"
@@ -127,7 +114,7 @@ def spot_job_time(fn):
                         ((100.0, 0.0, 5.0, 10.0, []), "interval_seconds = 0"),
                         ((100.0, 30.0, -5.0, 10.0, []), "a negative checkpoint time"),
                         ((100.0, 30.0, 5.0, 10.0, [50.0, 40.0]), "preemptions out of order")]:
-        _raises(lambda: fn(*args), (ValueError,), f"spot_job_time with {label}", "a ValueError",
+        expect_raises(lambda: fn(*args), (ValueError,), f"spot_job_time with {label}", "a ValueError",
                 "check the arguments before simulating: positive work and interval, non-negative "
                 "costs, increasing preemption times")
     return f"{len(hand)} jobs (7 by hand, 40 random); bad input refused"
@@ -240,7 +227,7 @@ def validate_schedule(fn):
     s = sch.simulate(jobs, 4, 8, "priority", True)
     cases = _broken(s, jobs)
     for label, bad in cases:
-        _raises(lambda: fn(bad, jobs), (ValueError,), f"validate_schedule on a schedule with {label}",
+        expect_raises(lambda: fn(bad, jobs), (ValueError,), f"validate_schedule on a schedule with {label}",
                 "a ValueError", "check every invariant the exercise lists: capacity at every moment, "
                 "whole gangs, one finish as the last run, total run time = duration, submission "
                 "before start, rejections = exactly the jobs too large for the cluster")
