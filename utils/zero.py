@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .collectives import CommCounter
 from .tiny import TinyConfig, TinyTransformer
+from .validate import check_callable, check_int, check_tensor
 
 __all__ = ["counting_allreduce_hook", "storage_bytes",
            "LAB_CONFIG", "HP", "DTYPE", "MICRO_BATCH", "lab_model", "units", "micro_batch",
@@ -58,6 +59,9 @@ def counting_allreduce_hook(counter: CommCounter | None = None):
     With ``counter=None`` the bucket goes to whichever counter's ``with`` block is running
     (none: not recorded).
     """
+    if counter is not None and not isinstance(counter, CollectiveCounter):
+        raise TypeError(f"counter must be a CollectiveCounter or None, got {type(counter).__name__}")
+
     def hook(state, bucket):
         buf = bucket.buffer()
         target = counter if counter is not None else CommCounter.innermost()
@@ -75,6 +79,8 @@ def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     Views of one buffer share a storage and count once; a storage resized to zero (a
     freed ZeRO-3 parameter buffer) counts zero. DTensors count their local shard.
     """
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Iterable):
+        raise TypeError(f"tensors must be an iterable of tensors, got {type(tensors).__name__}")
     seen: dict[int, int] = {}
     for t in tensors:
         if t is None:
@@ -115,11 +121,19 @@ def lab_model(config: TinyConfig = LAB_CONFIG, dtype: torch.dtype = DTYPE) -> Ti
 def units(model: TinyTransformer) -> list[nn.Module]:
     """The modules ZeRO-3 gathers one at a time, in forward order: the embedding, each
     block, the final norm, the LM head. Together they own every parameter, once."""
+    if not all(hasattr(model, a) for a in ("embed", "blocks", "norm", "lm_head")):
+        raise TypeError(f"model must be a TinyTransformer, got {type(model).__name__}")
     out = [model.embed, *model.blocks, model.norm, model.lm_head]
     owned = [id(p) for u in out for p in u.parameters()]
     if sorted(owned) != sorted(id(p) for p in model.parameters()):
         raise ValueError("the units do not cover the model's parameters exactly once")
     return out
+
+
+def _check_batch_config(batch, config) -> None:
+    check_int("batch", batch, low=1)
+    if not isinstance(config, TinyConfig):
+        raise TypeError(f"config must be a TinyConfig, got {type(config).__name__}")
 
 
 def micro_batch(step: int, rank: int, batch: int = MICRO_BATCH,
@@ -129,6 +143,7 @@ def micro_batch(step: int, rank: int, batch: int = MICRO_BATCH,
     for name, v in (("step", step), ("rank", rank)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    _check_batch_config(batch, config)
     g = torch.Generator().manual_seed(10_000 * step + rank)
     seq = torch.randint(0, config.vocab, (batch, config.max_seq_len + 1), generator=g)
     return seq[:, :-1], seq[:, 1:]
@@ -137,18 +152,26 @@ def micro_batch(step: int, rank: int, batch: int = MICRO_BATCH,
 def global_batch(step: int, world_size: int, batch: int = MICRO_BATCH,
                  config: TinyConfig = LAB_CONFIG) -> tuple[torch.Tensor, torch.Tensor]:
     """The data-parallel batch at ``step``: the ranks' micro-batches concatenated in rank order."""
+    check_int("step", step, low=0)
+    check_int("world_size", world_size, low=1)
+    _check_batch_config(batch, config)
     parts = [micro_batch(step, r, batch, config) for r in range(world_size)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def loss_fn(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over every position of the batch."""
+    check_callable("model", model)
+    check_tensor("tokens", tokens, ndim=2, floating=False)
+    check_tensor("targets", targets, shape=tuple(tokens.shape), floating=False)
     logits = model(tokens)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def flat_params(module: nn.Module) -> torch.Tensor:
     """``module``'s parameters flattened and concatenated, in ``parameters()`` order."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
 
 
@@ -160,6 +183,8 @@ def reference_run(steps: int, world_size: int, hp=HP, config: TinyConfig = LAB_C
     Returns ``{"units": [flat parameters of each unit after the last step],
     "grads": [flat gradients of each unit at the last step], "losses": [loss per step]}``.
     """
+    check_int("steps", steps, low=0)
+    check_int("world_size", world_size, low=1)
     model = lab_model(config, dtype)
     opt = torch.optim.AdamW(model.parameters(), **hp)
     losses, grads = [], None
@@ -224,6 +249,10 @@ def train_worker(rank: int, world_size: int, engine_factory: Callable, steps: in
     An engine that shards the parameters away may define ``full_params()``, a collective
     called once after training that returns each unit's full flat parameters.
     """
+    world_size = check_int("world_size", world_size, low=1)
+    check_int("rank", rank, low=0, high=world_size - 1)
+    check_callable("engine_factory", engine_factory)
+    check_int("steps", steps, low=0)
     device = _device()
     model = lab_model(config, dtype).to(device)
     engine = engine_factory(model, rank, world_size, **hp)
