@@ -59,8 +59,8 @@ def counting_allreduce_hook(counter: CommCounter | None = None):
     With ``counter=None`` the bucket goes to whichever counter's ``with`` block is running
     (none: not recorded).
     """
-    if counter is not None and not isinstance(counter, CollectiveCounter):
-        raise TypeError(f"counter must be a CollectiveCounter or None, got {type(counter).__name__}")
+    if counter is not None and not isinstance(counter, CommCounter):
+        raise TypeError(f"counter must be a CommCounter or None, got {type(counter).__name__}")
 
     def hook(state, bucket):
         buf = bucket.buffer()
