@@ -50,6 +50,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from . import tiny_corpus
+from .validate import check_int, check_number, resolve_gpu, resolve_model
 
 __all__ = [
     "Request", "Completion", "Iteration", "CostModel", "REFERENCE_COST", "VirtualClock",
@@ -242,6 +243,17 @@ def measure_step_times(model, batches: Sequence[int] = (1, 2, 4, 8, 16, 32),
     from . import bench
     from .tiny import ContiguousKVCache
 
+    if not hasattr(model, "config") or not callable(getattr(model, "prefill", None)):
+        raise TypeError(f"model must be a TinyTransformer, got {type(model).__name__}")
+    for name, values in (("batches", batches), ("prompt_lens", prompt_lens)):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+            raise TypeError(f"{name} must be a sequence of positive integers, got "
+                            f"{type(values).__name__}")
+        for v in values:
+            check_int(f"{name} (each entry)", v, low=1)
+    check_int("context", context, low=1)
+    if min_run_time is not None:
+        check_number("min_run_time", min_run_time, positive=True)
     cfg = model.config
     g = torch.Generator().manual_seed(0)
     decode_samples, prefill_samples = [], []
@@ -281,7 +293,7 @@ def gpu_cost_model(model_name: str, gpu_name: str, context: int = 1024,
     """
     from . import hardware, memory, models
 
-    m, g = models.get(model_name), hardware.get(gpu_name)
+    m, g = resolve_model(model_name, "model_name"), resolve_gpu(gpu_name, "gpu_name")
     weights = m.param_count() * bytes_per_element
     kv = memory.kv_cache_bytes_per_token(m, bytes_per_element) * context
     bw, peak = g.memory_bandwidth, g.flops(dtype)
@@ -350,12 +362,18 @@ def next_batch(arrivals: Sequence[float], now: float, max_batch: int,
     the requests that have arrived by then, at most ``max_batch``. ``max_delay = inf`` is
     static batching: wait for a full batch. Returns ``(launch_time, n)``.
     """
+    if isinstance(arrivals, (str, bytes)) or not isinstance(arrivals, Sequence):
+        raise TypeError(f"arrivals must be a sequence of arrival times, got {type(arrivals).__name__}")
     if len(arrivals) == 0:
-        raise ValueError("next_batch needs at least one remaining request")
+        raise ValueError("arrivals must hold at least one remaining request")
+    for t in arrivals:
+        check_number("arrivals (each arrival time)", t, nonnegative=True)
+    if any(b < a for a, b in zip(arrivals, arrivals[1:])):
+        raise ValueError(f"arrivals must be sorted, got {list(arrivals)}")
+    check_number("now", now, nonnegative=True)
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
-    if max_delay < 0:
-        raise ValueError(f"max_delay must be >= 0 seconds, got {max_delay!r}")
+    check_number("max_delay", max_delay, nonnegative=True, finite=False)
     k = min(max_batch, len(arrivals))
     full = arrivals[k - 1]                  # the moment the batch is full
     timeout = arrivals[0] + max_delay       # the moment the oldest request has waited enough
@@ -374,8 +392,12 @@ def chunk_plan(n_decode: int, remaining: Sequence[int], token_budget: int | None
     admission order, each taking ``min(its remaining prompt, what is left)``. With
     ``token_budget=None`` every prompt is prefilled whole (no chunking).
     """
-    if n_decode < 0:
-        raise ValueError(f"n_decode must be >= 0, got {n_decode}")
+    check_int("n_decode", n_decode, low=0)
+    if isinstance(remaining, (str, bytes)) or not isinstance(remaining, Iterable):
+        raise TypeError(f"remaining must be a sequence of prompt lengths, got "
+                        f"{type(remaining).__name__}")
+    for r in remaining:
+        check_int("remaining (each prompt length)", r)
     if any(r < 1 for r in remaining):
         raise ValueError(f"remaining prompt lengths must be >= 1, got {list(remaining)}")
     if token_budget is None:
@@ -394,7 +416,12 @@ def chunk_plan(n_decode: int, remaining: Sequence[int], token_budget: int | None
 # --- engines -------------------------------------------------------------------------------
 
 def _check_requests(requests: Sequence[Request]) -> list[Request]:
+    if isinstance(requests, (str, bytes)) or not isinstance(requests, Iterable):
+        raise TypeError(f"requests must be a list of Request, got {type(requests).__name__}")
     reqs = list(requests)
+    for r in reqs:
+        if not isinstance(r, Request):
+            raise TypeError(f"requests must hold Request objects, got {type(r).__name__}")
     for a, b in zip(reqs, reqs[1:]):
         if b.arrival < a.arrival:
             raise ValueError(f"requests must be sorted by arrival: request {b.rid} arrives at "
@@ -439,6 +466,16 @@ class _Runner:
         self.caches.pop(req.rid, None)
 
 
+def _check_clock(clock) -> None:
+    if not isinstance(clock, VirtualClock):
+        raise TypeError(f"clock must be a VirtualClock, got {type(clock).__name__}")
+
+
+def _check_cost(cost) -> None:
+    if not isinstance(cost, CostModel):
+        raise TypeError(f"cost must be a CostModel, got {type(cost).__name__}")
+
+
 def serve_batched(model, requests: Sequence[Request], max_batch: int, max_delay: float,
                   clock: VirtualClock) -> dict[int, Completion]:
     """Static (``max_delay=inf``) or dynamic batching: request-level scheduling.
@@ -449,6 +486,8 @@ def serve_batched(model, requests: Sequence[Request], max_batch: int, max_delay:
     batch. ``model=None`` simulates (tokens are None).
     """
     reqs = _check_requests(requests)
+    check_number("max_delay", max_delay, nonnegative=True, finite=False)
+    _check_clock(clock)
     runner = _Runner(model)
     done = {r.rid: Completion(r.rid, r.arrival) for r in reqs}
     pending = reqs
@@ -486,6 +525,7 @@ def serve_continuous(model, requests: Sequence[Request], max_batch: int, clock: 
     reqs = _check_requests(requests)
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+    _check_clock(clock)
     runner = _Runner(model)
     done = {r.rid: Completion(r.rid, r.arrival) for r in reqs}
     prefilled = {}                          # rid -> prompt tokens already in the cache
@@ -532,7 +572,13 @@ PERCENTILES = (50, 90, 99)
 
 
 def _completions(completions) -> list[Completion]:
+    if not isinstance(completions, (Mapping, Iterable)) or isinstance(completions, (str, bytes)):
+        raise TypeError(f"completions must be a dict or list of Completion, got "
+                        f"{type(completions).__name__}")
     items = list(completions.values()) if isinstance(completions, Mapping) else list(completions)
+    for c in items:
+        if not isinstance(c, Completion):
+            raise TypeError(f"completions must hold Completion objects, got {type(c).__name__}")
     if not items:
         raise ValueError("no completions to summarize")
     for c in items:
@@ -541,13 +587,22 @@ def _completions(completions) -> list[Completion]:
     return items
 
 
+def _check_completion(c) -> None:
+    if not isinstance(c, Completion):
+        raise TypeError(f"c must be a Completion, got {type(c).__name__}")
+    if not c.times:
+        raise ValueError(f"c (request {c.rid}) has no tokens yet")
+
+
 def ttft(c: Completion) -> float:
     """Time to first token: first token's time minus arrival."""
+    _check_completion(c)
     return c.times[0] - c.arrival
 
 
 def tpot(c: Completion) -> float:
     """Time per output token after the first: (last - first) / (tokens - 1); NaN for one token."""
+    _check_completion(c)
     return (c.times[-1] - c.times[0]) / (len(c.times) - 1) if len(c.times) > 1 else math.nan
 
 
@@ -578,6 +633,8 @@ def summarize(completions) -> dict:
 def slo_attainment(completions, ttft_slo: float, tpot_slo: float) -> float:
     """Fraction of requests with TTFT <= ``ttft_slo`` and TPOT <= ``tpot_slo`` (a one-token
     request has no TPOT and meets that part)."""
+    check_number("ttft_slo", ttft_slo, positive=True, finite=False)
+    check_number("tpot_slo", tpot_slo, positive=True, finite=False)
     items = _completions(completions)
     ok = sum(1 for c in items if ttft(c) <= ttft_slo and (len(c.times) < 2 or tpot(c) <= tpot_slo))
     return ok / len(items)
@@ -594,6 +651,11 @@ def goodput(results_by_rate: Mapping[float, object], ttft_slo: float, tpot_slo: 
     if not 0 < goal <= 1:
         raise ValueError(f"goal must be a fraction in (0, 1], got {goal!r}")
     best = 0.0
+    if not isinstance(results_by_rate, Mapping):
+        raise TypeError(f"results_by_rate must map rates to completions, got "
+                        f"{type(results_by_rate).__name__}")
+    check_number("ttft_slo", ttft_slo, positive=True, finite=False)
+    check_number("tpot_slo", tpot_slo, positive=True, finite=False)
     for rate in sorted(results_by_rate):
         if slo_attainment(results_by_rate[rate], ttft_slo, tpot_slo) >= goal:
             best = float(rate)
@@ -614,6 +676,9 @@ def simulate_colocated(requests: Sequence[Request], cost: CostModel, n_instances
     :func:`serve_continuous` (chunked when ``token_budget`` is set); a round-robin load
     balancer sends request i to instance ``i % n_instances``. No tokens are computed."""
     reqs = _check_requests(requests)
+    _check_cost(cost)
+    check_int("n_instances", n_instances, low=1)
+    check_int("max_batch", max_batch, low=1)
     out: dict[int, Completion] = {}
     for part in _round_robin(reqs, n_instances):
         if part:
@@ -633,10 +698,13 @@ def simulate_disaggregated(requests: Sequence[Request], cost: CostModel, n_prefi
     batching over decodes only (no prefill ever interrupts it). Links are not shared.
     """
     reqs = _check_requests(requests)
-    if n_prefill < 1 or n_decode < 1:
-        raise ValueError(f"need at least one prefill and one decode instance, got {n_prefill}, {n_decode}")
-    if link_bandwidth <= 0:
-        raise ValueError(f"link_bandwidth must be > 0 B/s, got {link_bandwidth!r}")
+    _check_cost(cost)
+    check_int("n_prefill", n_prefill, low=1)
+    check_int("n_decode", n_decode, low=1)
+    check_int("max_batch", max_batch, low=1)
+    check_number("kv_bytes_per_token", kv_bytes_per_token, nonnegative=True)
+    check_number("link_bandwidth", link_bandwidth, positive=True)
+    check_number("link_latency", link_latency, nonnegative=True)
     done = {r.rid: Completion(r.rid, r.arrival) for r in reqs}
     ready: dict[int, list[tuple[float, Request]]] = {j: [] for j in range(n_decode)}
     for i, part in enumerate(_round_robin(reqs, n_prefill)):
@@ -759,6 +827,16 @@ def plot_timeline(requests: Sequence[Request], completions: Mapping[int, Complet
     """
     import matplotlib.pyplot as plt
 
+    if isinstance(requests, (str, bytes)) or not isinstance(requests, Iterable):
+        raise TypeError(f"requests must be a list of Request, got {type(requests).__name__}")
+    reqs = list(requests)
+    if not isinstance(completions, Mapping):
+        raise TypeError(f"completions must map request ids to Completion, got "
+                        f"{type(completions).__name__}")
+    if isinstance(log, (str, bytes)) or not isinstance(log, Iterable):
+        raise TypeError(f"log must be a list of Iteration (clock.log), got {type(log).__name__}")
+    check_int("max_requests", max_requests, low=1)
+    requests = reqs
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 0.28 * (max_requests + 2) + 0.8))
     shown = [r for r in requests][:max_requests]
