@@ -234,6 +234,8 @@ def _pcie(gen: int, gts: float, efficiency: float, note: str) -> LinkSpec:
 
 
 _LINKS = {
+    "PCIe Gen1 x16": _pcie(1, 2.5, 8 / 10, "8b/10b encoding"),
+    "PCIe Gen2 x16": _pcie(2, 5, 8 / 10, "8b/10b encoding"),
     "PCIe Gen3 x16": _pcie(3, 8, 128 / 130, "128b/130b encoding"),
     "PCIe Gen4 x16": _pcie(4, 16, 128 / 130, "128b/130b encoding"),
     "PCIe Gen5 x16": _pcie(5, 32, 128 / 130, "128b/130b encoding"),
