@@ -67,10 +67,12 @@ def test_stub_is_not_attempted():
 def make_loop(bug=None):
     """The reference loop, with one of: 'no-truncate', 'no-bonus', 'never-accept',
     'ignore-accept', 'stale-q', 'draft-full-gamma', 'endless' (emits nothing when it
-    drafts nothing)."""
+    drafts nothing), 'no-gamma-check' (gamma=0 runs instead of raising)."""
 
     def loop(target, draft, prompt, max_new_tokens, gamma, temperature=1.0, generator=None,
              accept=None):
+        if gamma < 1 and bug != "no-gamma-check":
+            raise ValueError(f"gamma must be >= 1, got {gamma}")
         accept = accept or sp.accept_or_resample
         if bug == "ignore-accept":
             accept = sp.accept_or_resample
@@ -144,6 +146,7 @@ def test_right_loop_passes(capsys):
     ("no-bonus", "do not add up|greedy"),
     ("endless", "more than"),
     ("draft-full-gamma", "do not add up|greedy|max_seq_len|raised"),
+    ("no-gamma-check", "gamma=0"),
 ])
 def test_loop_mistakes_fail(bug, match):
     with pytest.raises(ExerciseFailed, match=match):
@@ -197,14 +200,50 @@ def test_wrong_formulas_fail():
         check.speedup_formula(sp.speedup, lambda a, c, m=64: max(1, sp.optimal_gamma(a, c, m)))
 
 
-def test_speedup_measurement_structure():
-    good = {"gamma": [1, 2, 3], "alpha": 0.8, "c": 0.3, "measured": [1.1, 1.3, 1.2],
-            "predicted": [float(sp.speedup(0.8, g, 0.3)) for g in (1, 2, 3)]}
-    check.speedup_measurement(good)
+def _measurement(alpha=0.8, c=0.1, measured=None):
+    gammas = [1, 2, 3, 4]
+    predicted = [float(sp.speedup(alpha, g, c)) for g in gammas]
+    return {"gamma": gammas, "alpha": alpha, "c": c, "predicted": predicted,
+            "measured": list(predicted) if measured is None else measured}
+
+
+def test_speedup_measurement_logic_fails():
+    good = _measurement()
     with pytest.raises(ExerciseFailed, match="predicted"):
-        check.speedup_measurement(dict(good, predicted=[1.0, 1.0, 1.0]))
+        check.speedup_measurement(dict(good, predicted=[1.0, 1.0, 1.0, 1.0]))
+    with pytest.raises(ExerciseFailed, match="predicted"):      # forgot the draft's cost
+        check.speedup_measurement(dict(good, predicted=[float(sp.expected_tokens(0.8, g)) for g in good["gamma"]]))
     with pytest.raises(ExerciseFailed, match="at least 3"):
         check.speedup_measurement(dict(good, gamma=[1], measured=[1.0], predicted=[1.0]))
+    with pytest.raises(ExerciseFailed, match="no 'c'"):
+        check.speedup_measurement({k: v for k, v in good.items() if k != "c"})
+    for bad in (float("nan"), float("inf"), -1.0, 0.0):
+        with pytest.raises(ExerciseFailed, match="measured speedup at gamma=2"):
+            check.speedup_measurement(dict(good, measured=[1.5, bad, 1.5, 1.5]))
+    with pytest.raises(ExerciseFailed, match="alpha and c"):
+        check.speedup_measurement(dict(good, alpha=1.2))
+
+
+def test_speedup_measurement_agreeing_passes_without_warning(capsys):
+    good = _measurement()
+    good["measured"] = [0.9 * p for p in good["predicted"]]       # 10% under: within 15%
+    check.speedup_measurement(good)
+    out = capsys.readouterr().out
+    assert "✔ speedup_measurement: passed" in out and "⚠" not in out
+
+
+@pytest.mark.parametrize("factor, words", [
+    (0.6, "40% below Theorem 3.8"),      # a busy machine: the speculative runs were slowed
+    (1.3, "30% above Theorem 3.8"),      # c measured in a slow moment
+    (0.05, "far from the model"),        # nothing like the model at all
+])
+def test_speedup_measurement_noise_warns_but_passes(capsys, factor, words):
+    noisy = _measurement()
+    noisy["measured"] = [factor * p for p in noisy["predicted"]]
+    check.speedup_measurement(noisy)                      # no exception: the logic is right
+    out = capsys.readouterr().out
+    assert "✔ speedup_measurement: passed" in out
+    assert "⚠ measurement:" in out and words in out
 
 
 # --- exercise 6 ------------------------------------------------------------------------------

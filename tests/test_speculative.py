@@ -196,3 +196,123 @@ def test_chi_square_by_hand():
     assert dof == 2
     assert stat == pytest.approx(0 + 0 + (20 - 20) ** 2 / 20)
     assert sp.chi_square([3, 1], [1.0, 0.0])[0] == math.inf      # an impossible outcome
+
+
+# --- wall-clock measurement ------------------------------------------------------------------
+
+class _Sleepy:
+    """A model wrapper whose decode step also sleeps: a known, load-proof cost."""
+
+    def __init__(self, model, seconds):
+        self._model, self._seconds = model, seconds
+        self.config, self.device = model.config, model.device
+
+    def prefill(self, tokens, cache):
+        return self._model.prefill(tokens, cache)
+
+    def decode_step(self, tokens, cache):
+        import time
+        time.sleep(self._seconds)
+        return self._model.decode_step(tokens, cache)
+
+
+def test_decode_step_times_orders_the_models_and_restores_the_caches():
+    target, _ = sp.MarkovLM.random_pair(vocab=5, seed=1, max_seq_len=64)
+    slow, fast = _Sleepy(target, 0.004), _Sleepy(target, 0.0)
+    t_slow, t_fast = sp.decode_step_times([slow, fast], [1, 2, 3], steps=4, repeats=2)
+    assert t_slow >= 0.004 > t_fast > 0               # sleep is a floor: load only adds to it
+    assert t_slow / t_fast > 3
+
+
+def test_decode_step_times_bad_inputs():
+    target, _ = sp.MarkovLM.random_pair(vocab=5, seed=1, max_seq_len=16)
+    with pytest.raises(ValueError, match="models"):
+        sp.decode_step_times([], [1, 2])
+    with pytest.raises(TypeError, match="models"):
+        sp.decode_step_times(["not a model"], [1, 2])
+    with pytest.raises(ValueError, match="context_tokens"):
+        sp.decode_step_times([target], [])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        sp.decode_step_times([target], list(range(4)) * 3, steps=8)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises((ValueError, TypeError), match="steps"):
+            sp.decode_step_times([target], [1, 2], steps=bad)
+        with pytest.raises((ValueError, TypeError), match="repeats"):
+            sp.decode_step_times([target], [1, 2], repeats=bad)
+
+
+def test_measure_speedup_counts_what_the_loops_did():
+    target, draft = sp.MarkovLM.random_pair(vocab=5, seed=3, mix=0.3, max_seq_len=64)
+    prompts, n, gammas = [[1, 2], [3]], 12, [1, 3]
+    calls = []
+
+    def counted(t, d, prompt, k, gamma, temperature, generator):
+        calls.append(gamma)
+        return sp.speculative_generate(t, d, prompt, k, gamma, temperature, generator)
+
+    run = sp.measure_speedup(target, draft, prompts, n, gammas, loops={"mine": counted}, repeats=2)
+    assert calls == [1, 1, 3, 3] * 2                  # every prompt, every gamma, every repeat
+    assert run["gamma"] == gammas and run["baseline"] > 0
+    # the same seeded runs, recounted here: acceptance, tokens per call, pooled alpha
+    acc, tested, tpc = [], [], []
+    for gamma in gammas:
+        rs = [sp.speculative_generate(target, draft, p, n, gamma, 1.0, torch.Generator().manual_seed(0))
+              for p in prompts]
+        acc.append(sum(r.accepted for r in rs))
+        tested.append(sum(r.accepted + r.rejected for r in rs))
+        tpc.append(sum(len(r.tokens) for r in rs) / sum(r.target_calls for r in rs))
+    assert run["acceptance"]["mine"] == [a / t for a, t in zip(acc, tested)]
+    assert run["tokens_per_call"]["mine"] == tpc
+    assert run["alpha"]["mine"] == sum(acc) / sum(tested)
+    assert run["measured"]["mine"] == [run["baseline"] / s for s in run["seconds"]["mine"]]
+
+
+def test_measure_speedup_bad_inputs():
+    target, draft = sp.MarkovLM.random_pair(vocab=5, seed=3, max_seq_len=32)
+    ok = dict(target=target, draft=draft, prompts=[[1]], max_new_tokens=4, gammas=[1])
+    with pytest.raises(ValueError, match="gammas"):
+        sp.measure_speedup(**dict(ok, gammas=[]))
+    with pytest.raises(ValueError, match="gammas"):
+        sp.measure_speedup(**dict(ok, gammas=[0]))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sp.measure_speedup(**dict(ok, max_new_tokens=0))
+    with pytest.raises(ValueError, match="prompts"):
+        sp.measure_speedup(**dict(ok, prompts=[]))
+    with pytest.raises((ValueError, TypeError), match="repeats"):
+        sp.measure_speedup(**dict(ok, repeats=0))
+    with pytest.raises(ValueError, match="temperature"):
+        sp.measure_speedup(**dict(ok, temperature=float("nan")))
+    with pytest.raises(TypeError, match="loops"):
+        sp.measure_speedup(**dict(ok, loops={"x": 3}))
+
+
+def test_the_deep_target_is_the_draft_widened_in_depth_only():
+    xl, draft = tiny.load("tiny-target-xl"), tiny.load("tiny-draft")
+    meta = tiny.metadata("tiny-target-xl")["training"]
+    assert xl.config.d_model == draft.config.d_model and xl.config.n_layers == 16 * draft.config.n_layers
+    assert meta["params"] == xl.num_params()
+    # the alpha stored at training time, recomputed on the same held-out text's start
+    held = torch.tensor(TOKENIZER.encode(tiny_corpus.heldout_text(256 * 12)))
+    alpha = sp.measure_alpha(xl, draft, held, 1.0, window=256)
+    assert abs(alpha - meta["alpha_vs_draft"]) < 0.03
+    assert meta["heldout_loss"] < tiny.metadata("tiny-draft")["training"]["heldout_loss"]
+
+
+# --- lab 19's checkers refuse this module's functions as answers ------------------------------
+# (here, not in test_ch19_checks.py, whose tests hold the checkers to this module and so
+# allow library answers)
+
+@pytest.mark.parametrize("exercise, answers", [
+    ("accept_reject", (sp.acceptance_probability, sp.residual, sp.accept_or_resample)),
+    ("speculative_generate", (sp.speculative_generate,)),
+    ("same_distribution", (sp.speculative_generate, sp.chi_square)),
+    ("acceptance", (sp.measure_alpha, sp.expected_tokens)),
+    ("speedup_formula", (sp.speedup, sp.optimal_gamma)),
+    ("prompt_lookup", (sp.lookup_draft, sp.prompt_lookup_generate)),
+])
+def test_lab19_refuses_the_library_reference(exercise, answers):
+    from utils.checks import LibraryAnswer
+    from utils.checks import ch19 as check
+
+    with pytest.raises(LibraryAnswer, match="utils.speculative"):
+        getattr(check, exercise)(*answers)

@@ -16,6 +16,8 @@ What is here:
 - whole loops over the tiny models of :mod:`utils.tiny`: :func:`speculative_generate`
   and the draft-free :func:`prompt_lookup_generate` (with :func:`lookup_draft`);
 - :func:`measure_alpha`, the average acceptance rate over held-out text;
+- :func:`decode_step_times` (the cost ratio c) and :func:`measure_speedup` (the wall-clock
+  speedup over target-only sampling), timed robustly on a shared machine;
 - :class:`MarkovLM`, a model whose every sequence probability is known in closed form,
   so that statistical tests of a sampler are cheap and exact; and :func:`chi_square`.
 
@@ -25,6 +27,7 @@ Quantities: ``alpha`` and ``beta`` are probabilities, ``c`` is a ratio of times
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Sequence
@@ -40,7 +43,7 @@ __all__ = [
     "probs", "acceptance_probability", "residual", "accept_or_resample", "always_accept",
     "acceptance_rate",
     "SpecResult", "speculative_generate", "lookup_draft", "prompt_lookup_generate",
-    "measure_alpha", "MarkovLM", "chi_square",
+    "measure_alpha", "decode_step_times", "measure_speedup", "MarkovLM", "chi_square",
 ]
 
 SOURCES = MappingProxyType({
@@ -397,6 +400,138 @@ def measure_alpha(target, draft, tokens, temperature: float = 1.0, window: int =
     beta = acceptance_rate(probs(target(x), temperature), probs(draft(x.to(draft.device)),
                                                                  temperature).to(target.device))
     return float(beta.double().mean())
+
+
+# --- wall-clock measurement ------------------------------------------------------------------
+
+def _check_models(models) -> list:
+    models = list(models)
+    if not models:
+        raise ValueError("models must name at least one model")
+    for m in models:
+        if not (hasattr(m, "decode_step") and hasattr(m, "prefill") and hasattr(m, "config")):
+            raise TypeError(f"models must be tiny models (prefill, decode_step, config), "
+                            f"got {type(m).__name__}")
+    return models
+
+
+@torch.no_grad()
+def decode_step_times(models, context_tokens, steps: int = 16, repeats: int = 5) -> list[float]:
+    """Seconds per decode step of each model, with ``context_tokens`` already in its cache.
+
+    Each model decodes ``steps`` tokens in a row (positions after the context), and the
+    models take turns, ``repeats`` turns each; every model keeps its fastest turn. Load
+    on a shared machine then hits all models alike, and the fastest turn is the one least
+    disturbed. The ratio of two entries is the cost ratio ``c`` of Theorem 3.8.
+    """
+    from .validate import check_int
+
+    models = _check_models(models)
+    steps, repeats = check_int("steps", steps, low=1), check_int("repeats", repeats, low=1)
+    ctx = torch.as_tensor(context_tokens, dtype=torch.long)
+    if ctx.dim() != 1 or ctx.numel() == 0:
+        raise ValueError(f"context_tokens must be a non-empty 1-D sequence of token ids, "
+                         f"got shape {tuple(ctx.shape)}")
+    n = ctx.numel()
+    caches = []
+    for m in models:
+        if n + steps > m.config.max_seq_len:
+            raise ValueError(f"context_tokens ({n}) + steps ({steps}) exceed max_seq_len "
+                             f"{m.config.max_seq_len}")
+        cache = ContiguousKVCache(m.config, max_len=n + steps, device=m.device)
+        m.prefill(ctx[None].to(m.device), cache)
+        caches.append(cache)
+    best = [math.inf] * len(models)
+    for turn in range(repeats + 1):              # the first turn warms up and is not kept
+        for i, (m, cache) in enumerate(zip(models, caches)):
+            token = ctx[-1:].to(m.device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                m.decode_step(token, cache)
+            seconds = (time.perf_counter() - t0) / steps
+            cache.truncate(n)
+            if turn > 0:
+                best[i] = min(best[i], seconds)
+    return best
+
+
+@torch.no_grad()
+def measure_speedup(target, draft, prompts, max_new_tokens: int, gammas, loops=None,
+                    temperature: float = 1.0, repeats: int = 3, seed: int = 0) -> dict:
+    """Wall-clock speedup of speculative sampling over sampling from the target alone.
+
+    The baseline is :func:`utils.tiny.generate` on ``target``; each loop in ``loops``
+    (name -> a function with :func:`speculative_generate`'s signature; default the
+    reference loop) runs at every gamma in ``gammas``. Each configuration continues every
+    prompt by ``max_new_tokens`` tokens with a generator seeded ``seed``, so every repeat
+    does the same work; the configurations take turns, ``repeats`` turns, and each keeps
+    its fastest run of every prompt: seconds per token. Returns a dict:
+
+    ``gamma``; ``baseline`` (seconds per token); per loop name, in ``seconds``,
+    ``measured`` (baseline over loop: the speedup), ``acceptance`` (accepted over tested
+    drafts, per gamma), ``tokens_per_call`` (per gamma) and ``alpha`` (the acceptance
+    pooled over all gammas: the alpha of Theorem 3.8 that this run achieved).
+    """
+    from .tiny import generate
+    from .validate import check_int, check_number
+
+    gammas = [check_int("gammas", g, low=1) for g in gammas]
+    if not gammas:
+        raise ValueError("gammas must hold at least one draft length")
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
+    repeats = check_int("repeats", repeats, low=1)
+    check_number("temperature", temperature, nonnegative=True)
+    prompts = [list(p) for p in prompts]
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt")
+    loops = {"reference": speculative_generate} if loops is None else dict(loops)
+    for name, fn in loops.items():
+        if not callable(fn):
+            raise TypeError(f"loops[{name!r}] must be callable, got {type(fn).__name__}")
+
+    def baseline(prompt):
+        g = torch.Generator().manual_seed(seed)
+        return len(generate(target, prompt, max_new_tokens, temperature, g)), None
+
+    def spec(fn, gamma):
+        def run(prompt):
+            g = torch.Generator().manual_seed(seed)
+            r = fn(target, draft, prompt, max_new_tokens, gamma, temperature, g)
+            return len(r.tokens), r
+        return run
+
+    configs = {("baseline", 0): baseline}
+    for name, fn in loops.items():
+        for gamma in gammas:
+            configs[(name, gamma)] = spec(fn, gamma)
+    # the unit of timing is one prompt's continuation: short enough that some repeats
+    # of it fall into a quiet moment of a shared machine
+    fastest = {key: [math.inf] * len(prompts) for key in configs}
+    n_tokens = dict.fromkeys(configs, 0)
+    runs = {key: [None] * len(prompts) for key in configs}
+    for turn in range(repeats):
+        for key, fn in configs.items():
+            for i, prompt in enumerate(prompts):
+                t0 = time.perf_counter()
+                n, r = fn(prompt)
+                fastest[key][i] = min(fastest[key][i], time.perf_counter() - t0)
+                runs[key][i] = r
+                if turn == 0:
+                    n_tokens[key] += n
+    best = {key: sum(fastest[key]) / n_tokens[key] for key in configs}
+    out = {"gamma": gammas, "baseline": best[("baseline", 0)], "seconds": {}, "measured": {},
+           "acceptance": {}, "tokens_per_call": {}, "alpha": {}}
+    for name in loops:
+        rs = [runs[(name, g)] for g in gammas]
+        out["seconds"][name] = [best[(name, g)] for g in gammas]
+        out["measured"][name] = [out["baseline"] / best[(name, g)] for g in gammas]
+        acc = [sum(r.accepted for r in rg) for rg in rs]
+        tested = [sum(r.accepted + r.rejected for r in rg) for rg in rs]
+        out["acceptance"][name] = [a / t if t else math.nan for a, t in zip(acc, tested)]
+        out["tokens_per_call"][name] = [sum(len(r.tokens) for r in rg) / sum(r.target_calls for r in rg)
+                                        for rg in rs]
+        out["alpha"][name] = sum(acc) / sum(tested) if sum(tested) else math.nan
+    return out
 
 
 # --- a model with exact probabilities, for statistical tests ------------------------------

@@ -1,7 +1,9 @@
 """The tiny model family: a small decoder-only transformer for the inference chapters.
 
 Two trained models ship with the course, ``load("tiny-target")`` and ``load("tiny-draft")``,
-character-level models of the toy language in :mod:`utils.tiny_corpus`. The architecture
+character-level models of the toy language in :mod:`utils.tiny_corpus`; a third,
+``load("tiny-target-xl")``, has the draft's width and sixteen times its depth, a target that
+is expensive next to the draft (chapter 19 times speculative decoding with it). The architecture
 is Llama's in miniature: token embedding, rotary position embedding (RoPE), RMSNorm
 before each sub-layer, grouped-query attention (GQA), a SwiGLU MLP and an untied LM head
 (a separate output matrix, as in Llama 2/3 8B and up; with a 44-token vocabulary tying
@@ -41,9 +43,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .tiny_corpus import ALPHABET
+from .validate import check_int, check_number
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-MODEL_NAMES = ("tiny-draft", "tiny-target")
+MODEL_NAMES = ("tiny-draft", "tiny-target", "tiny-target-xl")
 
 
 # --- tokenizer ------------------------------------------------------------------------
@@ -138,6 +141,12 @@ def causal_mask(q_positions: torch.Tensor, n_keys: int) -> torch.Tensor:
     Keys are stored in position order (slot s holds position s), so a query sees slots
     ``0 .. its own position``. Slots past a shorter sequence's end are masked too.
     """
+    if not isinstance(q_positions, torch.Tensor) or q_positions.dim() != 2 or \
+            q_positions.is_floating_point() or q_positions.dtype == torch.bool:
+        raise TypeError(f"q_positions must be a [B, T] integer tensor, got "
+                        f"{getattr(q_positions, 'dtype', type(q_positions).__name__)} "
+                        f"{tuple(getattr(q_positions, 'shape', ()))}")
+    check_int("n_keys", n_keys, low=1)
     slots = torch.arange(n_keys, device=q_positions.device)
     return slots[None, None, :] <= q_positions[:, :, None]
 
@@ -149,8 +158,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     Returns [B, H, T, d]. Query head h reads KV head h // (H // Hkv): the same as
     repeating each KV head H // Hkv times (``repeat_interleave``), without the copy.
     """
+    for name, t in (("q", q), ("k", k), ("v", v)):      # cheap: no data is read
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
+            raise TypeError(f"{name} must be a 4-D floating-point tensor [B, heads, seq, d], "
+                            f"got {getattr(t, 'dtype', type(t).__name__)} "
+                            f"{tuple(getattr(t, 'shape', ()))}")
     B, H, T, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape[0] != B or k.shape[3] != d or H % Hkv:
+        raise ValueError(f"k must be [B={B}, Hkv dividing {H}, S, d={d}], got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 3:
+        raise TypeError(f"mask must be a [B, T, S] bool tensor, got "
+                        f"{getattr(mask, 'dtype', type(mask).__name__)}")
     g = H // Hkv
     q = q.reshape(B, Hkv, g, T, d)                                 # group query heads
     scores = q @ k.unsqueeze(2).transpose(-1, -2) / math.sqrt(d)   # [B, Hkv, g, T, S]
@@ -310,6 +333,11 @@ class RMSNorm(nn.Module):
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotation angles, ``[max_seq_len, head_dim // 2]`` each."""
+    check_int("head_dim", head_dim, low=2)
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {head_dim}")
+    check_int("max_seq_len", max_seq_len, low=1)
+    check_number("theta", theta, positive=True)
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
@@ -317,6 +345,13 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (i, i + d/2) of x ``[B, H, T, d]`` by angles ``[B, 1, T, d/2]``."""
+    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+    if 2 * cos.shape[-1] != x.shape[-1] or sin.shape != cos.shape:
+        raise ValueError(f"cos and sin must be [.., seq, d/2] for x's d={x.shape[-1]}, got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -478,8 +513,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token per row of ``[B, vocab]`` logits: argmax at temperature 0, else a sample
     from softmax(logits / temperature) drawn with ``generator``. Returns ``[B]`` int64."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got "
+                        f"{getattr(logits, 'dtype', type(logits).__name__)}")
+    check_number("temperature", temperature, nonnegative=True)
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -497,11 +534,30 @@ def generate(model: TinyTransformer, prompt_tokens, max_new_tokens: int, tempera
     :class:`ContiguousKVCache` just big enough. Stops early after emitting ``stop_token``
     (e.g. ``TOKENIZER.eos_id``) if given.
     """
-    prompt = torch.as_tensor(prompt_tokens, device=model.device)
+    if not hasattr(model, "config") or not callable(getattr(model, "prefill", None)):
+        raise TypeError(f"model must be a TinyTransformer, got {type(model).__name__}")
+    if isinstance(prompt_tokens, str):
+        raise TypeError("prompt_tokens must be token ids, not text; use "
+                        "utils.tiny.TOKENIZER.encode(text)")
+    try:
+        prompt = torch.as_tensor(prompt_tokens, device=model.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"prompt_tokens must be a sequence of token ids, got "
+                        f"{type(prompt_tokens).__name__}") from None
     if prompt.dim() != 1:
         raise ValueError(f"prompt_tokens must be one sequence (1-D), got shape {tuple(prompt.shape)}")
+    if prompt.numel() == 0:
+        raise ValueError("prompt_tokens must hold at least one token id")
+    if prompt.is_floating_point() or prompt.dtype == torch.bool:
+        raise TypeError(f"prompt_tokens must be integer token ids, got dtype {prompt.dtype}")
+    if int(prompt.min()) < 0 or int(prompt.max()) >= model.config.vocab:
+        raise ValueError(f"prompt_tokens must be ids in [0, {model.config.vocab}), got "
+                         f"{prompt.tolist()}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    check_number("temperature", temperature, nonnegative=True)
+    if stop_token is not None:
+        check_int("stop_token", stop_token, low=0)
     total = prompt.numel() + max_new_tokens
     if total > model.config.max_seq_len:
         raise ValueError(f"prompt ({prompt.numel()}) + max_new_tokens ({max_new_tokens}) = {total} "
@@ -529,6 +585,10 @@ def save(model: TinyTransformer, path, extra: dict | None = None,
     """Write the weights (as ``dtype``) and the config to a safetensors file."""
     from safetensors.torch import save_file
 
+    if not isinstance(model, TinyTransformer):
+        raise TypeError(f"model must be a TinyTransformer, got {type(model).__name__}")
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
     meta = {"config": model.config.to_json(), "alphabet": ALPHABET, "dtype": str(dtype)}
     meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
@@ -536,8 +596,10 @@ def save(model: TinyTransformer, path, extra: dict | None = None,
 
 
 def weights_path(name: str) -> Path:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a tiny model's name, got {type(name).__name__} {name!r}")
     if name not in MODEL_NAMES:
-        raise ValueError(f"unknown tiny model {name!r}; choose one of {MODEL_NAMES}")
+        raise ValueError(f"unknown tiny model name {name!r}; choose one of {MODEL_NAMES}")
     return WEIGHTS_DIR / f"{name}.safetensors"
 
 
@@ -551,7 +613,7 @@ def metadata(name: str) -> dict:
 
 
 def load(name: str, device=None) -> TinyTransformer:
-    """A shipped model (``"tiny-draft"`` or ``"tiny-target"``), float32, in eval mode."""
+    """A shipped model (one of :data:`MODEL_NAMES`), float32, in eval mode."""
     from safetensors import safe_open
 
     path = _existing(weights_path(name))

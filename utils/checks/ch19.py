@@ -22,7 +22,8 @@ import torch
 
 from .. import speculative as sp
 from .. import tiny, tiny_corpus
-from . import exercise, expect_close, expect_dtype, expect_equal, expect_shape, expect_type, fail
+from . import (exercise, expect_close, expect_dtype, expect_equal, expect_shape, expect_type, fail,
+               measurement_warning)
 
 P_MIN = 1e-3            # a correct sampler passes unless its seeded p-value is below this
 P_BROKEN = 1e-6         # a broken one must be rejected at least this clearly
@@ -309,6 +310,15 @@ def speculative_generate(fn):
                  what="speculative_generate(240-token prompt, max_new_tokens=16, gamma=5).tokens",
                  hint="prompt + max_new_tokens = 256 = max_seq_len: make the caches that long and "
                       "never draft more than the tokens still needed minus one")
+    try:
+        fn(target, draft, prompt, 4, 0, temperature=0.0)
+    except ValueError as err:
+        if "gamma" not in str(err):
+            fail("speculative_generate(..., gamma=0) raised a ValueError that does not name gamma",
+                 "a message naming `gamma`", repr(str(err)), "say which argument was wrong")
+    else:
+        fail("speculative_generate(..., gamma=0) did not raise", "ValueError naming gamma",
+             "it returned normally", "gamma is the most draft tokens per round: 1 or more")
     # sampling runs and uses the generator
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     a = _result(fn(target, draft, prompt, 30, 4, temperature=1.0, generator=g1), "T=1 run", 4)
@@ -319,8 +329,8 @@ def speculative_generate(fn):
              f"{'equal' if a == b else 'different'}", "pass `generator` to every torch.multinomial "
              "and torch.rand call")
     return (f"greedy output equals utils.tiny.generate on {cases} (prompt, gamma) cases and 4 edge "
-            "cases (0 and 1 new tokens, a 1-token prompt, a request up to max_seq_len); sampling "
-            "reproducible")
+            "cases (0 and 1 new tokens, a 1-token prompt, a request up to max_seq_len); gamma=0 "
+            "refused; sampling reproducible")
 
 
 # --- the distribution ------------------------------------------------------------------------
@@ -474,9 +484,20 @@ def speedup_formula(speedup, optimal_gamma):
     return "Theorem 3.8 on 64 (alpha, gamma, c) triples; optimal gamma on 7 cases, incl. 0 and the cap"
 
 
+#: How far the best measured speedup may sit from Theorem 3.8 before a warning.
+MEASUREMENT_TOLERANCE = 0.15
+
+
 @exercise
 def speedup_measurement(results):
-    """``results``: {"gamma": [...], "measured": [...], "predicted": [...], "alpha", "c"}."""
+    """``results``: {"gamma": [...], "measured": [...], "predicted": [...], "alpha", "c"}.
+
+    Logic (fails): the keys, equal lengths, alpha a probability and c a positive ratio,
+    every prediction equal to Theorem 3.8 at (alpha, gamma, c), every measurement a
+    positive finite number. Measurement (warns, never fails): a measured speedup more
+    than 10x away from its prediction, and the best measured speedup more than
+    ``MEASUREMENT_TOLERANCE`` away from the prediction at the same gamma.
+    """
     expect_type(results, dict, "results")
     for key in ("gamma", "measured", "predicted", "alpha", "c"):
         if key not in results:
@@ -487,18 +508,32 @@ def speedup_measurement(results):
     if not (len(gammas) == len(meas) == len(pred) >= 3):
         fail("results lists", "gamma, measured and predicted of equal length, at least 3 gammas",
              f"lengths {len(gammas)}, {len(meas)}, {len(pred)}", "sweep gamma over 1..6")
-    if not (0 < alpha < 1 and 0 < c < 5):
-        fail("results alpha and c", "0 < alpha < 1 (measured acceptance) and a cost ratio 0 < c < 5",
+    if not (0 < alpha < 1 and math.isfinite(c) and c > 0):
+        fail("results alpha and c", "0 < alpha < 1 (measured acceptance) and a cost ratio c > 0",
              f"alpha {alpha}, c {c}", "c = time of a draft step / time of a target step")
     for g, m, p in zip(gammas, meas, pred):
         expect_close(float(p), _speedup_oracle(alpha, int(g), c), rtol=1e-6,
                      what=f"predicted speedup at gamma={g}", hint="speedup(alpha, gamma, c)")
-        if not (math.isfinite(m) and 0.1 * p <= m <= 10 * p):
-            fail(f"measured speedup at gamma={g} is implausible", f"within 0.1x–10x of the "
-                 f"prediction {p:.2f}", f"{m!r}", "speedup = baseline seconds per token / "
-                 "speculative seconds per token")
-    best = gammas[int(np.argmax(meas))]
-    return f"{len(gammas)} gammas; best measured gamma {best}, predicted best {gammas[int(np.argmax(pred))]}"
+        if not (isinstance(m, numbers.Real) and math.isfinite(m) and m > 0):
+            fail(f"measured speedup at gamma={g}", "a positive finite number", f"{m!r}",
+                 "speedup = baseline seconds per token / speculative seconds per token")
+    busy = ("another process busy on this machine during the timing, or a CPU whose "
+            "per-call overhead differs (re-run the cell when the machine is quiet)")
+    for g, m, p in zip(gammas, meas, pred):
+        if not 0.1 * p <= m <= 10 * p:
+            measurement_warning(f"the measured speedup at gamma={g} is far from the model",
+                                f"{p:.2f}x (Theorem 3.8)", f"{m:.2f}x", busy)
+    i = int(np.argmax(meas))
+    best, ratio = gammas[i], float(meas[i]) / float(pred[i])
+    if abs(ratio - 1) > MEASUREMENT_TOLERANCE:
+        measurement_warning(
+            f"best measured speedup {meas[i]:.2f}x at gamma={best} is {abs(ratio - 1):.0%} "
+            f"{'below' if ratio < 1 else 'above'} Theorem 3.8",
+            f"{pred[i]:.2f}x ± {MEASUREMENT_TOLERANCE:.0%} (alpha {alpha:.2f}, c {c:.2f})",
+            f"{meas[i]:.2f}x", busy if ratio < 1 else
+            "c measured in a slow moment (a draft step timed while the machine was busy)")
+    return (f"{len(gammas)} gammas; predictions follow Theorem 3.8; best measured {meas[i]:.2f}x "
+            f"at gamma {best} ({ratio:.2f} of the prediction {pred[i]:.2f}x)")
 
 
 # --- prompt lookup -----------------------------------------------------------------------------
