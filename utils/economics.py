@@ -515,30 +515,9 @@ def tornado(fn: Callable[[Mapping], float], base: Mapping, ranges: Mapping) -> l
 
 # --------------------------------------------------------------------------- spot instances
 
-def young_interval(checkpoint_seconds: float, mtbf_seconds: float) -> float:
-    """Young's first-order optimum compute time between checkpoints, sqrt(2 delta M).
-
-    J. W. Young, 'A first order approximation to the optimum checkpoint interval',
-    Communications of the ACM 17(9):530-531, 1974.
-    """
-    d = _positive("checkpoint_seconds", checkpoint_seconds)
-    m = _positive("mtbf_seconds", mtbf_seconds)
-    return math.sqrt(2 * d * m)
-
-
-def daly_interval(checkpoint_seconds: float, mtbf_seconds: float) -> float:
-    """Daly's higher-order optimum compute time between checkpoints.
-
-    For delta < 2M: sqrt(2 delta M) [1 + (1/3) sqrt(delta / 2M) + (1/9) (delta / 2M)] - delta;
-    otherwise M. J. T. Daly, 'A higher order estimate of the optimum checkpoint interval
-    for restart dumps', Future Generation Computer Systems 22(3):303-312, 2006.
-    """
-    d = _positive("checkpoint_seconds", checkpoint_seconds)
-    m = _positive("mtbf_seconds", mtbf_seconds)
-    if d >= 2 * m:
-        return m
-    x = d / (2 * m)
-    return math.sqrt(2 * d * m) * (1 + math.sqrt(x) / 3 + x / 9) - d
+# The checkpoint interval (Young 1974, Daly 2006) lives in utils.reliability (chapter 15),
+# once; imported here for the spot-instance model.
+from .reliability import daly_interval, young_interval  # noqa: E402
 
 
 def spot_job_time(work_seconds: float, interval_seconds: float, checkpoint_seconds: float,
