@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .tiny import ContiguousKVCache, TinyConfig
+from .validate import check_int as _check_int, check_number as _check_number
 
 __all__ = [
     "SOURCES", "PUBLISHED",
@@ -126,6 +127,8 @@ def speedup(alpha, gamma, c):
     Theorem 3.8), where ``c`` is the time of one draft step over one target step. It
     assumes the target scores gamma + 1 tokens in the time of one step.
     """
+    if isinstance(c, (str, bytes, bool)):
+        raise TypeError(f"c must be a number or an array of numbers, got {c!r}")
     cc = np.asarray(c, dtype=float)
     if np.any(~np.isfinite(cc)) or np.any(cc < 0):
         raise ValueError(f"c is a cost ratio >= 0, got {c!r}")
@@ -140,6 +143,8 @@ def optimal_gamma(alpha: float, c: float, max_gamma: int = 64) -> int:
     """
     if not isinstance(max_gamma, int) or max_gamma < 1:
         raise ValueError(f"max_gamma must be a positive integer, got {max_gamma!r}")
+    _check_number("alpha", alpha, low=0, high=1)
+    _check_number("c", c, nonnegative=True)
     gammas = np.arange(max_gamma + 1)
     s = np.asarray(speedup(float(alpha), gammas, float(c)))
     return int(np.argmax(s))      # argmax returns the first maximum
@@ -153,8 +158,10 @@ def probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     ``softmax(logits / temperature)``; at temperature 0, the one-hot vector of the argmax
     (greedy decoding is sampling from that point mass, so one loop serves both).
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got "
+                        f"{getattr(logits, 'dtype', type(logits).__name__)}")
+    _check_number("temperature", temperature, nonnegative=True)
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     return torch.softmax(logits.float() / temperature, dim=-1)
@@ -166,6 +173,12 @@ def _check_pq(p: torch.Tensor, q: torch.Tensor) -> None:
     if p.shape != q.shape or p.dim() != 1:
         raise ValueError(f"p and q must be 1-D of the same length, got {tuple(p.shape)} "
                          f"and {tuple(q.shape)}")
+    if not (p.is_floating_point() and q.is_floating_point()):
+        raise TypeError(f"p and q must be floating-point probabilities, got {p.dtype} and {q.dtype}")
+
+
+def _check_token(x, p) -> int:
+    return _check_int("x", x, low=0, high=p.shape[-1] - 1)
 
 
 def acceptance_probability(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -191,6 +204,8 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, x: int,
                        generator: torch.Generator | None = None) -> tuple[bool, int]:
     """Keep draft token ``x`` (drawn from q) with probability min(1, p(x)/q(x)); else draw
     from the residual. Returns ``(accepted, token)``; the token is distributed as p."""
+    _check_pq(p, q)
+    x = _check_token(x, p)
     a = acceptance_probability(p, q)[x]
     u = torch.rand((), generator=generator, dtype=torch.float64)
     if u < a:
@@ -200,12 +215,21 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, x: int,
 
 def always_accept(p, q, x, generator=None) -> tuple[bool, int]:
     """A broken rule that keeps every draft token: it samples from q, not p."""
+    _check_pq(p, q)
+    x = _check_token(x, p)
     return True, int(x)
 
 
 def acceptance_rate(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """beta = sum_x min(p(x), q(x)) over the last dimension: the chance a draft token from
     q is accepted, and 1 minus the total-variation distance between p and q."""
+    if not (isinstance(p, torch.Tensor) and isinstance(q, torch.Tensor)):
+        raise TypeError("p and q must be torch tensors of probabilities")
+    if p.shape != q.shape or p.dim() == 0:
+        raise ValueError(f"p and q must have the same shape, got {tuple(p.shape)} and "
+                         f"{tuple(q.shape)}")
+    if not (p.is_floating_point() and q.is_floating_point()):
+        raise TypeError(f"p and q must be floating-point probabilities, got {p.dtype} and {q.dtype}")
     return torch.minimum(p, q).sum(-1)
 
 
@@ -241,11 +265,23 @@ class SpecResult:
         return len(self.tokens) / self.target_calls if self.target_calls else float("nan")
 
 
+def _check_lm(name, model) -> None:
+    if not (hasattr(model, "config") and callable(getattr(model, "prefill", None))):
+        raise TypeError(f"{name} must be a tiny model (prefill, decode_step, config), "
+                        f"got {type(model).__name__}")
+
+
 def _prompt_list(prompt_tokens, config: TinyConfig, max_new_tokens: int) -> list[int]:
+    if isinstance(prompt_tokens, (str, bytes)) or \
+            not isinstance(prompt_tokens, (Sequence, torch.Tensor)):
+        raise TypeError(f"prompt_tokens must be a sequence of token ids, got "
+                        f"{type(prompt_tokens).__name__}")
     prompt = torch.as_tensor(prompt_tokens).tolist() if not isinstance(prompt_tokens, list) \
         else list(prompt_tokens)
     if not prompt or not all(isinstance(t, int) for t in prompt):
         raise ValueError("prompt_tokens must be a non-empty 1-D sequence of token ids")
+    if not all(0 <= t < config.vocab for t in prompt):
+        raise ValueError(f"prompt_tokens must be ids in [0, {config.vocab}), got {prompt}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     total = len(prompt) + max_new_tokens
@@ -272,6 +308,8 @@ def speculative_generate(target, draft, prompt_tokens, max_new_tokens: int, gamm
     the target's last distribution. Both KV caches are then cut back (``truncate``) to
     the tokens that stand. At temperature 0 the output equals the target's greedy output.
     """
+    _check_lm("target", target)
+    _check_lm("draft", draft)
     if not isinstance(gamma, int) or gamma < 1:
         raise ValueError(f"gamma must be a positive integer, got {gamma!r}")
     if target.config.vocab != draft.config.vocab:
@@ -332,7 +370,11 @@ def lookup_draft(context: Sequence[int], gamma: int, max_ngram: int = 3) -> list
         raise ValueError(f"gamma must be a non-negative integer, got {gamma!r}")
     if not isinstance(max_ngram, int) or max_ngram < 1:
         raise ValueError(f"max_ngram must be a positive integer, got {max_ngram!r}")
-    ctx = list(context)
+    if isinstance(context, (str, bytes)) or not isinstance(context, (Sequence, torch.Tensor)):
+        raise TypeError(f"context must be a sequence of token ids, got {type(context).__name__}")
+    ctx = [int(t) for t in context] if isinstance(context, torch.Tensor) else list(context)
+    for t in ctx:
+        _check_int("context (each token id)", t)
     if gamma == 0:
         return []
     for n in range(min(max_ngram, len(ctx) - 1), 0, -1):
@@ -352,6 +394,7 @@ def prompt_lookup_generate(target, prompt_tokens, max_new_tokens: int, gamma: in
     the longest prefix that matches its own argmax and adds its next argmax. The output
     equals the target's greedy output.
     """
+    _check_lm("target", target)
     if not isinstance(gamma, int) or gamma < 1:
         raise ValueError(f"gamma must be a positive integer, got {gamma!r}")
     seq = _prompt_list(prompt_tokens, target.config, max_new_tokens)
@@ -387,7 +430,20 @@ def measure_alpha(target, draft, tokens, temperature: float = 1.0, window: int =
     one is dropped); both models run teacher-forced over each window, and every position
     of every window counts once. At temperature 0 this is the greedy agreement rate.
     """
-    t = torch.as_tensor(tokens, dtype=torch.long)
+    _check_lm("target", target)
+    _check_lm("draft", draft)
+    _check_number("temperature", temperature, nonnegative=True)
+    try:
+        t = torch.as_tensor(tokens)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"tokens must be a sequence of token ids, got {type(tokens).__name__}") from None
+    if t.numel() and (t.is_floating_point() or t.dtype == torch.bool):
+        raise TypeError(f"tokens must be integer token ids, got dtype {t.dtype}")
+    t = t.long()
+    vocab = min(target.config.vocab, draft.config.vocab)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+        raise ValueError(f"tokens must be ids in [0, {vocab}), got min {int(t.min())}, "
+                         f"max {int(t.max())}")
     if t.dim() != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tuple(t.shape)}")
     if not isinstance(window, int) or not 1 <= window <= min(target.config.max_seq_len,
@@ -405,6 +461,8 @@ def measure_alpha(target, draft, tokens, temperature: float = 1.0, window: int =
 # --- wall-clock measurement ------------------------------------------------------------------
 
 def _check_models(models) -> list:
+    if isinstance(models, (str, bytes)) or not isinstance(models, Sequence):
+        raise TypeError(f"models must be a list of tiny models, got {type(models).__name__}")
     models = list(models)
     if not models:
         raise ValueError("models must name at least one model")
@@ -428,7 +486,17 @@ def decode_step_times(models, context_tokens, steps: int = 16, repeats: int = 5)
 
     models = _check_models(models)
     steps, repeats = check_int("steps", steps, low=1), check_int("repeats", repeats, low=1)
-    ctx = torch.as_tensor(context_tokens, dtype=torch.long)
+    try:
+        ctx = torch.as_tensor(context_tokens)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"context_tokens must be a sequence of token ids, got "
+                        f"{type(context_tokens).__name__}") from None
+    if ctx.numel() and (ctx.is_floating_point() or ctx.dtype == torch.bool):
+        raise TypeError(f"context_tokens must be integer token ids, got dtype {ctx.dtype}")
+    ctx = ctx.long()
+    vocab = min(m.config.vocab for m in models)
+    if ctx.numel() and (int(ctx.min()) < 0 or int(ctx.max()) >= vocab):
+        raise ValueError(f"context_tokens must be ids in [0, {vocab}), got {ctx.tolist()}")
     if ctx.dim() != 1 or ctx.numel() == 0:
         raise ValueError(f"context_tokens must be a non-empty 1-D sequence of token ids, "
                          f"got shape {tuple(ctx.shape)}")
@@ -475,6 +543,11 @@ def measure_speedup(target, draft, prompts, max_new_tokens: int, gammas, loops=N
     from .tiny import generate
     from .validate import check_int, check_number
 
+    _check_lm("target", target)
+    _check_lm("draft", draft)
+    for name, v in (("gammas", gammas), ("prompts", prompts)):
+        if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
+            raise TypeError(f"{name} must be a list, got {type(v).__name__}")
     gammas = [check_int("gammas", g, low=1) for g in gammas]
     if not gammas:
         raise ValueError("gammas must hold at least one draft length")
@@ -658,9 +731,11 @@ def chi_square(counts, expected_probs, min_expected: float = 5.0) -> tuple[float
     counts = np.asarray(counts, dtype=float).reshape(-1)
     p = np.asarray(expected_probs, dtype=float).reshape(-1)
     if counts.shape != p.shape:
-        raise ValueError(f"counts and probabilities differ in size: {counts.size} vs {p.size}")
-    if np.any(counts < 0) or np.any(p < 0) or not math.isclose(p.sum(), 1.0, abs_tol=1e-6):
-        raise ValueError("counts must be >= 0 and the probabilities a distribution")
+        raise ValueError(f"counts and expected_probs differ in size: {counts.size} vs {p.size}")
+    if not np.all(np.isfinite(counts)) or np.any(counts < 0):
+        raise ValueError(f"counts must be finite and >= 0, got {counts.tolist()}")
+    if not np.all(np.isfinite(p)) or np.any(p < 0) or not math.isclose(p.sum(), 1.0, abs_tol=1e-6):
+        raise ValueError(f"expected_probs must be a distribution (>= 0, sum 1), got {p.tolist()}")
     n = counts.sum()
     if n <= 0:
         raise ValueError("no observations")
