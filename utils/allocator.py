@@ -138,12 +138,14 @@ class CachingAllocator:
         if capacity is not None:
             capacity = check_int("capacity", capacity, low=1)
         check_number("max_split_size", max_split_size, finite=False, positive=True)
-        if max_split_size != math.inf and max_split_size <= K_SMALL_SIZE:
-            raise ValueError(f"max_split_size must be more than 1 MiB (PyTorch refuses "
-                             f"max_split_size_mb <= 1); got {max_split_size}")
+        if max_split_size < K_LARGE_BUFFER:
+            raise ValueError(f"max_split_size must be at least 20 MiB (kLargeBuffer; PyTorch's "
+                             f"parseMaxSplitSize refuses smaller max_split_size_mb), got "
+                             f"{max_split_size}")
         self.capacity = capacity
         self.max_split_size = max_split_size
-        self.expandable = check_bool("expandable", expandable)
+        check_bool("expandable", expandable)
+        self.expandable = expandable
         self._free = {True: [], False: []}     # pool -> sorted [(size, addr, block)]
         self._live: dict[int, _Block] = {}
         self._segments: dict[int, list] = {}   # segment start -> [size, head block]
