@@ -1,6 +1,5 @@
 """utils.allocator: the rules of PyTorch's CUDA caching allocator, the reference model,
 the shipped trace, bad input, and (on a GPU) the real allocator's peaks on the same trace."""
-import math
 import subprocess
 import sys
 

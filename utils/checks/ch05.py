@@ -14,7 +14,7 @@ import numbers
 import tempfile
 
 from .. import allocator as A
-from . import (describe, exercise, expect_close, expect_equal, expect_raises, expect_type, fail,
+from . import (describe, exercise, expect_equal, expect_raises, expect_type, fail,
                measurement_warning)
 
 KiB, MiB = 1024, 1024 * 1024
