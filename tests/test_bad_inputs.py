@@ -568,3 +568,110 @@ def test_bad_inputs_are_refused_by_name(qualname):
             pytest.fail(f"{qualname} passes the sweep now: remove it from PENDING")
     problems = sweep_one(qualname)
     assert not problems, f"{qualname}:\n  " + "\n  ".join(problems)
+
+
+# ----------------------------------------------------------------------------------------
+# The cases reported in issue 12, section 3, one by one
+# ----------------------------------------------------------------------------------------
+def _p5_q1():
+    return torch.full((5,), 0.2), torch.tensor([1.0])
+
+
+SPECIFIC = [
+    # (what, call, exception, words the message must contain)
+    ("attainable_flops(nan)", lambda: hardware.attainable_flops(math.nan, 1e12, 1e9),
+     ValueError, "intensity"),
+    ("roofline.bound(nan)", lambda: roofline.bound(math.nan, 1e12, 1e9), ValueError, "intensity"),
+    ("crossover_size(nan)", lambda: __import__("utils.collectives").collectives.crossover_size(
+        math.nan, 1e-9, 8), ValueError, "alpha"),
+    ("time_fn(min_run_time=nan)", lambda: __import__("utils.bench").bench.time_fn(
+        lambda: None, min_run_time=math.nan), ValueError, "min_run_time"),
+    ("time_fn(min_run_time=inf)", lambda: __import__("utils.bench").bench.time_fn(
+        lambda: None, min_run_time=math.inf), ValueError, "min_run_time"),
+    ("acceptance_rate(p[5], q[1])", lambda: sp.acceptance_rate(*_p5_q1()), ValueError, "p and q"),
+    ("accept_or_resample(x=-1)", lambda: sp.accept_or_resample(*_pq(), x=-1), ValueError, "x"),
+    ("paged_attention(lengths=[0, 0])",
+     lambda: pk.paged_attention(**{**_paged(), "lengths": torch.tensor([0, 0])}), ValueError,
+     "lengths"),
+    ("paged_attention(lengths beyond the table)",
+     lambda: pk.paged_attention(**{**_paged(), "lengths": torch.tensor([7, 3])}), ValueError,
+     "lengths"),
+    ("paged_attention(block id out of range)",
+     lambda: pk.paged_attention(**{**_paged(), "block_tables": torch.tensor([[4, 1, 9], [2, 5, 5]])}),
+     ValueError, "block_tables"),
+    ("paged_attention(1-D table)",
+     lambda: pk.paged_attention(**{**_paged(), "block_tables": torch.tensor([4, 1, 0])}),
+     ValueError, "block_tables"),
+    ("paged_attention(mismatched dtypes)",
+     lambda: pk.paged_attention(**{**_paged(), "q": _paged()["q"].double()}), TypeError, "k_pool"),
+    ("comm_per_step(tp=3)", lambda: __import__("utils.parallelism").parallelism.comm_per_step(
+        "llama2-7b", 4096, 1, 8, tp=3), ValueError, "tp=3"),
+    ("pp_bytes_per_microbatch(tp=0)", lambda: __import__("utils.parallelism").parallelism
+     .pp_bytes_per_microbatch(4096, 4096, tp=0), ValueError, "tp"),
+    ("generate(model, 'hello', 5)", lambda: tiny.generate(model(), "hello", 5), TypeError,
+     "TOKENIZER.encode"),
+    ("generate(empty prompt)", lambda: tiny.generate(model(), [], 5), ValueError, "prompt_tokens"),
+    ("generate(temperature=nan)", lambda: tiny.generate(model(), [1, 2], 5, temperature=math.nan),
+     ValueError, "temperature"),
+    ("next_batch([0.5, 0.1], 0, 4)", lambda: serving.next_batch([0.5, 0.1], 0, 4), ValueError,
+     "arrivals"),
+    ("simulate_colocated(n_instances=0)", lambda: serving.simulate_colocated(_reqs(), UNIT, 0, 4),
+     ValueError, "n_instances"),
+    ("simulate_disaggregated(kv_bytes_per_token=-1e6)",
+     lambda: serving.simulate_disaggregated(_reqs(), UNIT, 1, 1, 4, kv_bytes_per_token=-1e6,
+                                            link_bandwidth=1e9), ValueError, "kv_bytes_per_token"),
+]
+
+
+@pytest.mark.parametrize("what,call,exc,words", SPECIFIC, ids=[s[0] for s in SPECIFIC])
+def test_issue_12_cases_are_refused(what, call, exc, words):
+    with pytest.raises(exc) as e:
+        _timed(lambda: call(), {}, ())
+    assert words in str(e.value), f"{what}: {e.value}"
+
+
+def test_registry_names_accepted_where_specs_are():
+    spec = models.get("llama2-7b")
+    assert roofline.attention_decode("llama2-7b", 4096) == roofline.attention_decode(spec, 4096)
+    from utils import inference_cost
+    assert inference_cost.step_time(roofline.KernelCost(1e12, 1e9), "H100") == \
+        inference_cost.step_time(roofline.KernelCost(1e12, 1e9), hardware.get("H100"))
+
+
+def test_comm_per_step_agrees_with_memory_on_tp():
+    from utils import memory, parallelism
+    for tp in (1, 2, 4, 8, 3, 5):
+        refused = []
+        for f in (lambda: memory.training_bytes_per_device("llama2-7b", 4096, 1, tp=tp),
+                  lambda: parallelism.comm_per_step("llama2-7b", 4096, 1, 8, tp=tp)):
+            try:
+                f()
+                refused.append(False)
+            except ValueError:
+                refused.append(True)
+        assert refused[0] == refused[1] == (32 % tp != 0), (tp, refused)
+
+
+def test_sweep_catches_a_silent_function(monkeypatch):
+    """The sweep itself can fail: a function that answers NaN is reported."""
+    monkeypatch.setitem(SWEEP, "hardware.attainable_flops", SWEEP["hardware.attainable_flops"])
+    monkeypatch.setattr(hardware, "attainable_flops",
+                        lambda intensity, peak_flops, bandwidth: min(peak_flops, intensity * bandwidth))
+    problems = sweep_one("hardware.attainable_flops")
+    assert any("intensity=nan: returned without an error" in p for p in problems)
+    assert any("does not name" in p for p in problems)     # "3" * 1e12 fails without a name
+
+
+def test_sweep_catches_a_hang():
+    import time as _time
+
+    def spins(fn, min_run_time=None):
+        while True:
+            _time.sleep(0.01)
+    global TIME_LIMIT
+    old, TIME_LIMIT = TIME_LIMIT, 0.2
+    try:
+        with pytest.raises(Hang):
+            _timed(spins, {"fn": None}, ())
+    finally:
+        TIME_LIMIT = old
