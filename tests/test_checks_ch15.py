@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from utils import economics as econ
 from utils import reliability as rel
-from utils.checks import ExerciseFailed, LibraryAnswer
+from utils.checks import ExerciseFailed, LibraryAnswer, NotAttempted
 from utils.checks import ch15 as check
 
 # ----------------------------------------------------------------------------- exercise 1
@@ -259,3 +259,26 @@ def test_census_has_one_printed_share_off():
     # Table 5: 148 of 419 is 35.3 %, printed 30.1 %; every other row rounds right.
     assert rel.census_mismatches(rel.LLAMA3_CENSUS, 419) == ["Faulty GPU"]
     assert sum(r[2] for r in rel.LLAMA3_CENSUS) == 419
+
+
+def test_kill_and_resume_names_an_unfinished_save_stub():
+    # the worker is written, but the save_checkpoint of exercise 1 is still the stub
+    def save_stub(path, state):
+        raise NotImplementedError("exercise checkpoint_io: replace this line with your code")
+
+    saved = globals()["save_checkpoint"]
+    globals()["save_checkpoint"] = save_stub
+    try:
+        with pytest.raises(NotAttempted, match="checkpoint_io"):
+            check.kill_and_resume(make_worker())
+    finally:
+        globals()["save_checkpoint"] = saved
+
+
+def test_kill_and_resume_dry_run_leaves_rng_alone():
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    with pytest.raises(ExerciseFailed):
+        check.kill_and_resume(make_worker("no_optimizer"))
+    assert torch.equal(torch.rand(3), want)
