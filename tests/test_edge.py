@@ -121,3 +121,16 @@ def test_gguf_file_round_trip(tmp_path):
     assert (tmp_path / "t-Q4_0.gguf").stat().st_size < (tmp_path / "t-Q8_0.gguf").stat().st_size / 1.8
     with pytest.raises(ValueError, match="fmt"):
         edge.write_gguf(model, tmp_path / "x.gguf", "Q4_K")
+
+
+def test_speed_outliers_under_simulated_noise():
+    g = np.random.default_rng(0)
+    for _ in range(200):                     # +-30% noise on equal speeds: never a warning
+        rates = {f: 100.0 * g.uniform(0.7, 1.3) for f in ("F32", "F16", "Q8_0", "Q4_0")}
+        assert edge.speed_outliers(rates) == []
+    assert edge.speed_outliers({"F32": 100.0, "F16": 95.0, "Q8_0": 30.0, "Q4_0": 250.0}) == ["Q8_0", "Q4_0"]
+    assert edge.speed_outliers({"F32": 100.0, "Q4_0": 50.0}) == []        # the band's edge is inside
+    with pytest.raises(ValueError, match="F32"):
+        edge.speed_outliers({"Q4_0": 1.0})
+    with pytest.raises(ValueError, match="Q4_0"):
+        edge.speed_outliers({"F32": 1.0, "Q4_0": math.nan})

@@ -35,7 +35,7 @@ from .validate import UnknownName, check_choice, check_int, check_number, check_
 
 __all__ = ["BlockFormat", "FORMATS", "bits_per_weight", "quantize", "dequantize", "pack_q4_k",
            "EdgeDevice", "EDGE_DEVICES", "edge_device", "decode_tokens_per_s",
-           "joules_per_token", "model_bytes", "write_gguf", "read_gguf"]
+           "joules_per_token", "model_bytes", "speed_outliers", "write_gguf", "read_gguf"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -214,11 +214,12 @@ _GB = 10 ** 9
 EDGE_DEVICES: dict[str, EdgeDevice] = {
     "Jetson-AGX-Orin-64GB": EdgeDevice(
         "Jetson-AGX-Orin-64GB", 64 * 2 ** 30, 204.8 * _GB, (15.0, 30.0, 50.0, 60.0),
-        "NVIDIA Jetson AGX Orin Series data sheet (DS-10662), Jetson AGX Orin 64GB column: 64 GB "
-        "256-bit LPDDR5, 204.8 GB/s; power 15 W - 60 W (nvpmodel presets 15/30/50 W and MAXN)"),
+        "NVIDIA Jetson AGX Orin Series data sheet, Jetson AGX Orin 64GB column: 64 GB 256-bit "
+        "LPDDR5, 204.8 GB/s; module power 15 W - 60 W (nvpmodel presets 15, 30, 50 W; MAXN listed "
+        "here as the 60 W module maximum)"),
     "Jetson-Orin-NX-16GB": EdgeDevice(
         "Jetson-Orin-NX-16GB", 16 * 2 ** 30, 102.4 * _GB, (10.0, 15.0, 25.0),
-        "NVIDIA Jetson Orin NX Series data sheet (DS-10712), Orin NX 16GB column: 16 GB 128-bit "
+        "NVIDIA Jetson Orin NX Series Modules data sheet (DS-10712-001), Orin NX 16GB column: 16 GB 128-bit "
         "LPDDR5, 102.4 GB/s; power configurable 10 W - 25 W (before the JetPack 6.2 'Super' modes)"),
     "Jetson-Orin-Nano-Super": EdgeDevice(
         "Jetson-Orin-Nano-Super", 8 * 2 ** 30, 102 * _GB, (7.0, 15.0, 25.0),
@@ -256,6 +257,23 @@ def joules_per_token(watts: float, tokens_per_s: float) -> float:
     check_positive("watts", watts)
     check_positive("tokens_per_s", tokens_per_s)
     return watts / tokens_per_s
+
+
+def speed_outliers(rates: dict, reference: str = "F32", band: float = 2.0) -> list[str]:
+    """Formats whose measured tokens/s lies outside ``[ref / band, ref * band]``.
+
+    On a CPU that decodes every format to float32 before computing, all formats should
+    run at about the reference's speed; one far off points at the machine (another
+    process, frequency scaling), so the lab reports it as a measurement warning.
+    Returned in the order of ``rates``.
+    """
+    if not isinstance(rates, dict) or reference not in rates:
+        raise ValueError(f"rates must be a dict of format -> tokens/s that contains {reference!r}")
+    check_number("band", band, low=1.0)
+    for k, v in rates.items():
+        check_positive(f"rates[{k!r}]", v)
+    ref = rates[reference]
+    return [k for k, v in rates.items() if not ref / band <= v <= ref * band]
 
 
 # ---------------------------------------------------------------------------------------
