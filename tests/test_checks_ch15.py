@@ -171,9 +171,8 @@ def job_time(work_s, interval_s, checkpoint_s, restart_s, failures, bug=None):
     while True:
         piece = min(interval_s, work_s - done)
         last = done + piece >= work_s
-        seg = piece + (0.0 if last or bug == "checkpoint_last" and False else checkpoint_s)
-        if bug == "checkpoint_last" and last:
-            seg = piece + checkpoint_s
+        # the last piece needs no checkpoint (the "checkpoint_last" bug writes one anyway)
+        seg = piece + (0.0 if last and bug != "checkpoint_last" else checkpoint_s)
         while k < len(fails) and fails[k] < t:
             k += 1
         if k < len(fails) and fails[k] < t + seg:

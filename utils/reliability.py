@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .validate import check_callable, check_int, check_nonnegative, check_number, check_positive
+from .validate import check_int, check_nonnegative, check_number, check_positive
 
 __all__ = ["job_mtbf", "young_daly_interval", "young_interval", "daly_interval", "goodput",
            "simulate_goodput", "save_checkpoint", "load_checkpoint", "CheckpointError",
@@ -44,7 +44,7 @@ LLAMA3_SOURCE = ("A. Grattafiori et al. (Llama Team, AI @ Meta), 'The Llama 3 He
 LLAMA3_RUN = {
     "days": 54,
     "duration_s": 54 * 86400.0,
-    "gpus": 16384,                      # up to 16K H100 GPUs (Section 3.3.1 / 3.3.4)
+    "gpus": 16384,                      # "16K H100 GPUs" (Section 3.3.1); 16K read as 16,384
     "interruptions": 466,
     "planned": 47,
     "unexpected": 419,
