@@ -281,3 +281,15 @@ def test_kill_and_resume_dry_run_leaves_rng_alone():
     with pytest.raises(ExerciseFailed):
         check.kill_and_resume(make_worker("no_optimizer"))
     assert torch.equal(torch.rand(3), want)
+
+
+def test_kill_and_resume_wants_rank_1_killed_by_sigkill():
+    base = make_worker()
+
+    def raising_worker(rank, world_size, ckpt_dir, n_steps, every, kill_at):
+        if rank == 1 and kill_at >= 0:     # an exception instead of a kill
+            raise RuntimeError("pretend crash")
+        return base(rank, world_size, ckpt_dir, n_steps, every, kill_at)
+
+    with pytest.raises(ExerciseFailed, match="SIGKILL"):
+        check.kill_and_resume(raising_worker)

@@ -143,7 +143,11 @@ def kill_and_resume(worker, n_steps=24, every=5, kill_at=13):
             fail(f"the run with kill_at={kill_at}", "a rank killed by SIGKILL (launch raises "
                  "RankError)", "the run finished",
                  "at step kill_at, rank 1 calls os.kill(os.getpid(), signal.SIGKILL)")
-        del killed
+        if killed.cause != 1 or "-9" not in killed.tracebacks.get(1, ""):
+            fail(f"the run with kill_at={kill_at}", "rank 1 killed by SIGKILL (exit code -9), "
+                 "the launcher naming it as the cause",
+                 f"rank {killed.cause} failed first: {killed.tracebacks.get(killed.cause, '')[-160:]}",
+                 "at step kill_at, rank 1 (only) calls os.kill(os.getpid(), signal.SIGKILL)")
         # a checkpoint write cut off by the crash: a stray temporary file must be ignored
         with open(os.path.join(kill_dir, ".tmp-cut-off"), "wb") as f:
             f.write(b"COURSE-CKPT-1\n" + b"0" * 10)
