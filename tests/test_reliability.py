@@ -106,3 +106,8 @@ def test_census_rows_and_bad_input():
     assert rel.census_mismatches([("a", "x", 1, 40.0), ("b", "x", 1, 50.0)], 2) == ["a"]
     with pytest.raises(ValueError, match="total"):
         rel.census_mismatches(rel.LLAMA3_CENSUS, 0)
+
+
+def test_simulate_goodput_refuses_a_job_that_never_finishes():
+    with pytest.raises(ValueError, match="does not finish"):
+        rel.simulate_goodput(3600.0, 60.0, 50.0, 10.0, 36000.0)

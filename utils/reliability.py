@@ -175,6 +175,10 @@ def simulate_goodput(interval_seconds: float, checkpoint_seconds: float, restart
     while True:  # draw failures until they cover the job's end (grow the horizon if needed)
         horizon *= 4
         n = max(16, int(horizon * (w + d * w / tau) / m) + 16)
+        if n > 200_000:
+            raise ValueError(f"the job does not finish within 200000 failures: restart_seconds "
+                             f"({r:g}) or interval + checkpoint ({tau + d:g}) too long next to "
+                             f"mtbf_seconds ({m:g})")
         times = np.cumsum(rng.exponential(m, size=n))
         wall, _ = spot_job_time(w, tau, d, r, times.tolist())
         if wall < times[-1]:
