@@ -40,6 +40,9 @@ CASES = [
     ("ch13", "assign_slots", ["utils.parallelism.assign_slots"]),
     ("ch13", "bubble_fraction", ["utils.parallelism.bubble_fraction"]),
     ("ch13", "comm_counter", ["utils.collectives.CommCounter"]),
+    ("ch15", "checkpoint_io", ["utils.reliability.save_checkpoint",
+                               "utils.reliability.load_checkpoint"]),
+    ("ch15", "find_stragglers", ["utils.reliability.find_stragglers"]),
     ("ch16", "prefill_cost", ["utils.inference_cost.prefill_cost"]),
     ("ch16", "decode_cost", ["utils.inference_cost.decode_cost"]),
     ("ch17", "block_allocator", ["utils.paged_kv.BlockAllocator"]),
@@ -106,5 +109,5 @@ def test_the_library_reference_is_refused(lab, exercise, references):
 
 def test_every_lab_with_a_reference_is_covered():
     labs = {lab for lab, _, _ in CASES}
-    assert labs >= {"ch01", "ch02", "ch03", "ch05", "ch06", "ch22", "ch11", "ch12", "ch13", "ch16", "ch17", "ch18", "ch19",
+    assert labs >= {"ch01", "ch02", "ch03", "ch05", "ch06", "ch15", "ch22", "ch11", "ch12", "ch13", "ch16", "ch17", "ch18", "ch19",
                     "ch20", "ch23", "ch24"}
