@@ -17,23 +17,10 @@ import torch.nn.functional as F
 from .. import tiny, tiny_corpus
 from ..paged_kv import KVPool
 from . import (ExerciseFailed, describe, exercise, expect_close, expect_dtype, expect_equal,
-               expect_shape, expect_type, fail)
+               expect_raises, expect_shape, expect_type, fail)
 
 
 # --------------------------------------------------------------------------- helpers
-
-def _raises(call, kinds, what, expected, hint):
-    """Run ``call()``; it must raise one of ``kinds``. Returns the exception."""
-    __tracebackhide__ = True
-    try:
-        call()
-    except NotImplementedError:
-        raise
-    except kinds as err:
-        return err
-    except Exception as err:  # the wrong kind of error
-        fail(what, expected, f"{type(err).__name__}: {err}", hint)
-    fail(what, expected, "no error", hint)
 
 
 def _int(x, what, hint="return a plain Python int"):
@@ -91,7 +78,7 @@ def block_allocator(cls):
     for b in ids:
         expect_equal(a.refcount(b), 1, f"refcount({b}) after allocate()",
                      hint="a newly allocated block has one reference")
-    err = _raises(a.allocate, MemoryError, "allocate() when every block is in use",
+    err = expect_raises(a.allocate, MemoryError, "allocate() when every block is in use",
                   "a MemoryError that says the pool is exhausted",
                   "check the free list first: raise MemoryError('out of KV blocks: ...')")
     if not str(err):
@@ -113,21 +100,21 @@ def block_allocator(cls):
     a.free(b0)
     expect_equal(a.refcount(b0), 0, f"refcount({b0}) after its last free")
     expect_equal(a.num_free, 1, "num_free after the last reference is freed")
-    _raises(lambda: a.free(b0), ValueError, f"free({b0}) of a block that is already free",
+    expect_raises(lambda: a.free(b0), ValueError, f"free({b0}) of a block that is already free",
             "a ValueError (double free)", "a block whose count is 0 is free: raise ValueError")
     expect_equal(a.num_free, 1, "num_free after a rejected double free",
                  hint="a rejected free must not put the block on the free list a second time")
     expect_equal(a.allocate(), b0, "allocate() with one free block",
                  hint="the only free block is the one just freed")
-    _raises(a.allocate, MemoryError, "allocate() after the only free block was taken again",
+    expect_raises(a.allocate, MemoryError, "allocate() after the only free block was taken again",
             "a MemoryError", "a double free must not leave the block on the free list twice")
     a.free(ids[1])
-    _raises(lambda: a.fork(ids[1]), ValueError, "fork() of a free block",
+    expect_raises(lambda: a.fork(ids[1]), ValueError, "fork() of a free block",
             "a ValueError", "only an allocated block (count >= 1) can be shared")
     for bad in (-1, 4, 10):
-        _raises(lambda: a.free(bad), ValueError, f"free({bad}) on allocator(4)",
+        expect_raises(lambda: a.free(bad), ValueError, f"free({bad}) on allocator(4)",
                 "a ValueError naming the bad block id", "check 0 <= block < num_blocks")
-        _raises(lambda: a.fork(bad), ValueError, f"fork({bad}) on allocator(4)",
+        expect_raises(lambda: a.fork(bad), ValueError, f"fork({bad}) on allocator(4)",
                 "a ValueError", "check 0 <= block < num_blocks")
 
     big = cls(1000)
@@ -177,14 +164,14 @@ def block_manager(cls):
     expect_equal(m.allocator.num_free, 2, "free blocks with 'a' at 7 tokens and 'b' at 6 (6 blocks of 4)")
 
     before = _state(m, ["a", "b"])
-    _raises(lambda: m.append_slots("b", 11), MemoryError,
+    expect_raises(lambda: m.append_slots("b", 11), MemoryError,
             "append_slots('b', 11) needing 3 new blocks when 2 are free",
             "a MemoryError", "count the blocks needed first and raise before allocating any")
     if _state(m, ["a", "b"]) != before:
         fail("a failed append_slots changed the manager", f"nothing changed: {before}",
              f"{_state(m, ['a', 'b'])}", "all or nothing: check that enough blocks are free "
              "before taking any (a half-grown table would leak blocks)")
-    _raises(lambda: m.append_slots("a", -1), ValueError, "append_slots('a', -1)",
+    expect_raises(lambda: m.append_slots("a", -1), ValueError, "append_slots('a', -1)",
             "a ValueError", "n must be >= 0")
 
     m.free("a")
@@ -192,7 +179,7 @@ def block_manager(cls):
                  hint="free every block in the sequence's table")
     expect_equal((m.block_table("a"), m.length("a")), ([], 0), "block_table('a') and length('a') after free('a')",
                  hint="forget the sequence: delete its table and its length")
-    _raises(lambda: m.free("a"), (KeyError, ValueError), "free('a') twice",
+    expect_raises(lambda: m.free("a"), (KeyError, ValueError), "free('a') twice",
             "a KeyError (unknown sequence)", "a freed sequence is unknown")
     slots, _ = _slots_and_copies(m.append_slots("b", 11), "append_slots('b', 11) after 'a' was freed")
     expect_equal(len(m.block_table("b")), 5, "blocks of 'b' at 17 tokens")
@@ -290,9 +277,9 @@ def copy_on_write(cls):
                  "return every copy (src, dst) so the data can be copied before the write, and "
                  "point the table's last entry at the new block")
 
-    _raises(lambda: m.fork(99, 100), (KeyError, ValueError), "fork(99, 100) of an unknown parent",
+    expect_raises(lambda: m.fork(99, 100), (KeyError, ValueError), "fork(99, 100) of an unknown parent",
             "a KeyError", "the parent must exist")
-    _raises(lambda: m.fork(0, 1), ValueError, "fork(0, 1) onto an existing sequence",
+    expect_raises(lambda: m.fork(0, 1), ValueError, "fork(0, 1) onto an existing sequence",
             "a ValueError", "the child must be a new sequence")
     for seq in range(7):
         m.free(seq)
@@ -305,7 +292,7 @@ def copy_on_write(cls):
     small.append_slots("c", 8)
     before = _state(small, ["a", "b", "c"])
     refs = [small.allocator.refcount(b) for b in range(3)]
-    _raises(lambda: small.append_slots("b", 1), MemoryError,
+    expect_raises(lambda: small.append_slots("b", 1), MemoryError,
             "append_slots('b', 1) that needs a copy-on-write block when none is free",
             "a MemoryError", "the copy needs a new block: check before you copy")
     if _state(small, ["a", "b", "c"]) != before or [small.allocator.refcount(b) for b in range(3)] != refs:
@@ -366,7 +353,7 @@ def prefix_sharing(cls):
     expect_equal(m.allocator.refcount(ta[0]), 6, f"refcount({ta[0]}): A, B, D, E, H and I share it")
     used = 16 - m.allocator.num_free
     expect_equal(used, 3 + 1 + 3 + 2 + 1 + 1 + 1 + 1, "blocks in use after prompts A, B, C, J, D, E, H, I")
-    _raises(lambda: m.allocate_prompt("A", A), ValueError, "allocate_prompt('A', ...) for an existing sequence",
+    expect_raises(lambda: m.allocate_prompt("A", A), ValueError, "allocate_prompt('A', ...) for an existing sequence",
             "a ValueError", "allocate_prompt starts a new sequence")
 
     m.free("A")
@@ -390,7 +377,7 @@ def prefix_sharing(cls):
              "0 cached tokens and three new blocks", f"{type(err).__name__}: {err}", forget)
 
     tiny_pool = cls(4, B)
-    _raises(lambda: tiny_pool.allocate_prompt("big", list(range(20))), MemoryError,
+    expect_raises(lambda: tiny_pool.allocate_prompt("big", list(range(20))), MemoryError,
             "allocate_prompt of 20 tokens (5 blocks) in a pool of 4", "a MemoryError",
             "count the new blocks needed and raise before taking any")
     expect_equal(tiny_pool.allocator.num_free, 4, "free blocks after the failed allocate_prompt",
