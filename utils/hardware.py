@@ -313,3 +313,139 @@ def attainable_flops(intensity: float, peak_flops: float, bandwidth: float) -> f
     check_number("peak_flops", peak_flops, positive=True)
     check_number("bandwidth", bandwidth, positive=True)
     return min(peak_flops, intensity * bandwidth)
+
+
+# ---------------------------------------------------------------------------------------
+# Systems: whole DGX boxes (chapter 07)
+# ---------------------------------------------------------------------------------------
+TiB = 2**40
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """One 8-GPU server as its vendor specifies it (SI units; conventions as above).
+
+    ``gpu_memory_bytes`` follows the GPU registry's convention (an "80 GB" GPU is 80 GiB,
+    so "640 GB" of GPU memory is 640 GiB); ``system_memory_bytes`` is DIMM capacity, binary
+    ("2 TB" from 32 x 64 GB DIMMs is 2 TiB). ``compute_nics`` are the single-port NICs of
+    the compute (east-west) fabric, one per GPU, each of ``compute_nic_link``;
+    ``storage_nics`` names the separate storage / in-band cards. ``max_power_watts`` is
+    the system's maximum input power (the figure a rack's power budget is planned with).
+    """
+
+    name: str
+    gpu: str                                 # a GPU registry name
+    gpus: int
+    gpu_memory_bytes: float
+    nvswitches: int                          # NVSwitch chips on the GPU baseboard
+    compute_nics: int
+    compute_nic_link: str                    # a link registry name
+    compute_nic_model: str
+    storage_nics: str
+    cpus: int
+    cpu_model: str
+    cpu_cores: int                           # all sockets together
+    system_memory_bytes: float
+    pcie_link: str                           # the GPUs' and NICs' host link (registry name)
+    max_power_watts: float
+    rack_units: int
+    storage: str
+    source: str
+    notes: str = ""
+
+    @property
+    def gpu_spec(self) -> GPUSpec:
+        """The GPU's registry entry."""
+        return get(self.gpu)
+
+    @property
+    def nic_bandwidth(self) -> float:
+        """One compute NIC's port bandwidth, B/s per direction."""
+        return link(self.compute_nic_link).bandwidth
+
+    @property
+    def network_bandwidth(self) -> float:
+        """All compute NICs together, B/s per direction."""
+        return self.compute_nics * self.nic_bandwidth
+
+    @property
+    def nvlink_bandwidth(self) -> float:
+        """One GPU's NVLink bandwidth into the NVSwitch fabric, B/s per direction."""
+        return self.gpu_spec.link_bandwidth
+
+
+_DGX_H100_SOURCE = (
+    "NVIDIA DGX BasePOD reference architecture, 'Core Components' table: DGX H100 with 8 "
+    "H100 GPUs, 640 GB GPU memory, 4 NVSwitch chips, 2x Intel Xeon Platinum 8480C, 2 TB "
+    "system memory, 8x ConnectX-7 400 Gb/s for the compute fabric plus 2 dual-port "
+    "ConnectX-7 for storage and in-band management. NVIDIA DGX H100/H200 User Guide, "
+    "'Introduction to NVIDIA DGX H100/H200 Systems': 56 cores per CPU (112 in all), 32 "
+    "DIMMs, 8U rackmount, OS 2x 1.92 TB NVMe M.2, internal 8x 3.84 TB NVMe U.2; 'Power "
+    "Specifications': six 3.3 kW power supplies (4+2 redundant), 10.2 kW max")
+_DGX_A100_SOURCE = (
+    "NVIDIA DGX A100 datasheet (640 GB system, 2020-2021) and DGX A100 User Guide "
+    "(DU-09821-001), 'Component Specifications' and 'Power Specifications': 8x A100 80GB "
+    "(640 GB), 6 NVSwitches (second generation; NVIDIA A100 Tensor Core GPU Architecture "
+    "whitepaper), 2x AMD EPYC 7742 (64 cores each, 128 in all), 2 TB system memory, 8x "
+    "single-port ConnectX-6 VPI 200 Gb/s HDR InfiniBand plus 2x dual-port ConnectX-6 for "
+    "storage, PCIe Gen4, 6.5 kW max, 6U, OS 2x 1.92 TB M.2 NVMe, internal 30 TB "
+    "(8x 3.84 TB U.2 NVMe)")
+_DGX_B200_SOURCE = (
+    "NVIDIA DGX B200 User Guide, 'Introduction to NVIDIA DGX B200 Systems', 'DGX B200 "
+    "Component Descriptions', 'Mechanical Specifications' and 'Power Specifications': 8x "
+    "B200 with 1,440 GB GPU memory, 2x Intel Xeon 8570 (PCIe Gen5, 56 cores each), 2 "
+    "fifth-generation NVLink switches (14.4 TB/s aggregate), 4 OSFP ports serving 8x "
+    "single-port ConnectX-7 (InfiniBand up to 400 Gb/s), 2x BlueField-3 dual-port DPUs "
+    "for storage and in-band management, 2 TB system memory (32 DIMMs, upgradable to "
+    "4 TB), OS 2x 1.92 TB NVMe M.2, data cache 8x 3.84 TB NVMe U.2, six 3.3 kW power "
+    "supplies (5+1 redundant), 14.3 kW max, 10U. NVIDIA DGX BasePOD reference "
+    "architecture, 'Core Components': 8x ConnectX-7 plus 2 BlueField-3")
+
+_SYSTEMS = {
+    "DGX-A100": SystemSpec(
+        name="DGX-A100", gpu="A100-SXM-80GB", gpus=8, gpu_memory_bytes=640 * GiB,
+        nvswitches=6, compute_nics=8, compute_nic_link="InfiniBand HDR",
+        compute_nic_model="ConnectX-6 VPI, single port",
+        storage_nics="2x dual-port ConnectX-6 VPI", cpus=2, cpu_model="AMD EPYC 7742",
+        cpu_cores=128, system_memory_bytes=2 * TiB, pcie_link="PCIe Gen4 x16",
+        max_power_watts=6500.0, rack_units=6,
+        storage="OS 2x 1.92 TB M.2 NVMe; internal 8x 3.84 TB U.2 NVMe (30 TB)",
+        source=_DGX_A100_SOURCE,
+        notes="The 640 GB system; the earlier 320 GB system has A100 40GB GPUs and 1 TB."),
+    "DGX-H100": SystemSpec(
+        name="DGX-H100", gpu="H100-SXM", gpus=8, gpu_memory_bytes=640 * GiB,
+        nvswitches=4, compute_nics=8, compute_nic_link="InfiniBand NDR",
+        compute_nic_model="ConnectX-7, single port (two per OSFP cage)",
+        storage_nics="2x dual-port ConnectX-7", cpus=2,
+        cpu_model="Intel Xeon Platinum 8480C", cpu_cores=112,
+        system_memory_bytes=2 * TiB, pcie_link="PCIe Gen5 x16", max_power_watts=10_200.0,
+        rack_units=8,
+        storage="OS 2x 1.92 TB NVMe M.2; internal 8x 3.84 TB NVMe U.2",
+        source=_DGX_H100_SOURCE),
+    "DGX-B200": SystemSpec(
+        name="DGX-B200", gpu="B200", gpus=8, gpu_memory_bytes=1440 * GiB,
+        nvswitches=2, compute_nics=8, compute_nic_link="InfiniBand NDR",
+        compute_nic_model="ConnectX-7, single port (two per OSFP cage)",
+        storage_nics="2x dual-port BlueField-3 DPU", cpus=2,
+        cpu_model="Intel Xeon Platinum 8570", cpu_cores=112,
+        system_memory_bytes=2 * TiB, pcie_link="PCIe Gen5 x16", max_power_watts=14_300.0,
+        rack_units=10,
+        storage="OS 2x 1.92 TB NVMe M.2; data cache 8x 3.84 TB NVMe U.2",
+        source=_DGX_B200_SOURCE),
+}
+
+_SYSTEM_ALIASES = {"dgx h100": "DGX-H100", "dgxh100": "DGX-H100", "dgx a100": "DGX-A100",
+                   "dgxa100": "DGX-A100", "dgx b200": "DGX-B200", "dgxb200": "DGX-B200"}
+
+#: Read-only view of the system registry.
+SYSTEMS: Mapping[str, SystemSpec] = MappingProxyType(_SYSTEMS)
+
+
+def systems() -> list[str]:
+    """The system names the registry knows, oldest first."""
+    return list(_SYSTEMS)
+
+
+def system(name: str) -> SystemSpec:
+    """The spec of system ``name``, e.g. ``"DGX-H100"`` (``"DGX H100"``, any case, too)."""
+    return _lookup(_SYSTEMS, _SYSTEM_ALIASES, name, "system")
