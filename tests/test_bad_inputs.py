@@ -45,7 +45,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 #:   grade, labgen, nbrun, checks -- the course framework, tested by their own suites.
 MODULES = ("hardware", "models", "roofline", "bench", "memory", "collectives", "parallelism",
            "zero", "recompute", "inference_cost", "paged_kv", "serving", "speculative",
-           "tiny", "tiny_corpus", "plots")
+           "tiny", "tiny_corpus", "plots",
+           # the chapter modules of Parts I, II, III and IV (01, 02, 05, 06, 15, 20, 22);
+           # economics and scheduler (23, 24) have their own sweep, test_bad_inputs_economics.py
+           "tiling", "memtech", "allocator", "topology", "reliability", "quant", "edge")
 
 #: Mutations valid for every argument of this name: any integer seeds a generator.
 ALLOW_BY_NAME = {"seed": {"zero", "neg"}}
@@ -418,6 +421,173 @@ SWEEP: dict[str, E] = {
                         skip={"ax": "an Axes or None", "title": "free text"}),
 }
 
+
+# -- the chapter modules (01, 02, 05, 06, 15, 20, 22) -------------------------------------
+def _w(rows=4, cols=8, seed=0):
+    return torch.randn(rows, cols, generator=_g(seed))
+
+
+def _fast_memory():
+    from utils import tiling
+    return tiling.FastMemory(1 << 16)
+
+
+def _trace():
+    return [("alloc", 0, 1024), ("alloc", 1, 2 << 20), ("free", 0, 1024), ("free", 1, 2 << 20)]
+
+
+def _graph():
+    from utils import topology
+    return topology.pcie_server()
+
+
+def _ckpt_path():
+    return _tmp_path() / "ckpt.pt"
+
+
+def _gguf_model():
+    return __import__("utils.tiny").tiny.load("tiny-draft")
+
+
+SWEEP.update({
+    # -- tiling (chapter 01) -----------------------------------------------------------------
+    "tiling.best_tile": E(kw(m=64, n=64, k=64, capacity=1 << 14, itemsize=4)),
+    "tiling.cache_levels": E(kw(), skip={"root": "a sysfs folder; a missing one is tested"}),
+    "tiling.fast_bytes_needed": E(kw(tm=8, tn=8, tk=8, itemsize=4)),
+    "tiling.flash_attention": E(lambda: dict(q=torch.randn(1, 2, 8, 4, generator=_g()),
+                                             k=torch.randn(1, 2, 8, 4, generator=_g(1)),
+                                             v=torch.randn(1, 2, 8, 4, generator=_g(2)),
+                                             block_q=4, block_k=4),
+                                allow={"q": {"shape"}, "k": {"shape"}, "v": {"shape"}}),
+    "tiling.flash_attention_hbm_accesses": E(kw(N=1024, d=64, M=100_000)),
+    "tiling.io_lower_bound": E(kw(m=64, n=64, k=64, capacity=1 << 14, itemsize=4)),
+    "tiling.matmul_traffic": E(kw(m=64, n=64, k=64, tm=8, tn=8, tk=8, itemsize=4)),
+    "tiling.plateaus": E(kw(sweep=[(1 << 14, 1e11), (1 << 24, 1e10)],
+                            levels={"L1": 1 << 15, "L2": 1 << 20})),
+    "tiling.standard_attention_hbm_accesses": E(kw(N=1024, d=64)),
+    "tiling.tiled_matmul": E(lambda: dict(A=_w(8, 8), B=_w(8, 8, 1), mem=_fast_memory(),
+                                          tm=4, tn=4, tk=4)),
+    # -- memtech (chapter 02) ----------------------------------------------------------------
+    "memtech.decode_ceiling": E(kw(n_params=7e9, bytes_per_param=2, bandwidth=3.35e12)),
+    "memtech.gpu_memory": E(kw(name="H100")),
+    "memtech.implied_pin_rate": E(kw(bandwidth=3.35e12, bus_width=5120)),
+    "memtech.interface_bandwidth": E(kw(pin_rate=6.4e9, bus_width=1024)),
+    "memtech.tech": E(kw(name="HBM3")),
+    # -- allocator (chapter 05) --------------------------------------------------------------
+    "allocator.is_small": E(kw(nbytes=1024), allow={"nbytes": {"zero"}}),
+    "allocator.load_trace": E(kw(), skip={"path": "a file; a missing one is tested"}),
+    "allocator.replay": E(lambda: dict(trace=_trace(),
+                                       allocator=__import__("utils.allocator").allocator
+                                       .CachingAllocator())),
+    "allocator.round_size": E(kw(nbytes=1000), allow={"nbytes": {"zero"}}),
+    # the rules of the source applied to the rounded size: round_size(0) is 512, whose
+    # segment is the 2 MiB small buffer (allocate(0) itself reserves nothing)
+    "allocator.segment_size": E(kw(nbytes=1000), allow={"nbytes": {"zero"}}),
+    "allocator.should_split": E(kw(block_size=4 << 20, size=1 << 20, small=False),
+                                allow={"max_split_size": {"inf"}}),
+    "allocator.trace_stats": E(lambda: dict(trace=_trace())),
+    # -- topology (chapter 06) ---------------------------------------------------------------
+    "topology.concurrent_rates": E(lambda: dict(graph=_graph(),
+                                                transfers=[("GPU0", "GPU1"), ("GPU4", "GPU5")])),
+    "topology.max_flow": E(lambda: dict(graph=_graph(), src="GPU0", dst="GPU4")),
+    "topology.max_min_fair": E(kw(capacities={"a": 10.0, "b": 4.0}, paths=[["a"], ["a", "b"]])),
+    "topology.nvswitch_server": E(kw(gpus=8, link="NVLink 4")),
+    "topology.pcie_server": E(kw(switches=2, gpus_per_switch=4, nics_per_switch=1,
+                                 link="PCIe Gen4 x16"),
+                              allow={"nics_per_switch": {"zero"}}),
+    "topology.route": E(lambda: dict(graph=_graph(), src="GPU0", dst="GPU4")),
+    "topology.transfer_time": E(kw(nbytes=1e6, bandwidth=1e9, latency=1e-6, efficiency=0.9),
+                                allow={"nbytes": {"zero"}, "latency": {"zero"}}),
+    # -- reliability (chapter 15) ------------------------------------------------------------
+    "reliability.census_mismatches": E(lambda: dict(rows=[("GPU", "GPU", 148, 30.1)], total=419,
+                                                    decimals=1),
+                                       allow={"decimals": {"zero"}}),
+    "reliability.daly_interval": E(kw(checkpoint_seconds=60.0, mtbf_seconds=3600.0)),
+    "reliability.find_stragglers": E(lambda: dict(step_times=torch.tensor([[1.0, 1.0, 2.0, 1.0],
+                                                                          [1.1, 1.0, 2.1, 0.9]]),
+                                                  threshold=1.25),
+                                       allow={"step_times": {"type"}}),   # nested lists are valid
+    "reliability.goodput": E(kw(interval_seconds=600.0, checkpoint_seconds=60.0,
+                                restart_seconds=120.0, mtbf_seconds=3600.0),
+                             allow={"restart_seconds": {"zero"}, "checkpoint_seconds": {"zero"}}),
+    "reliability.job_mtbf": E(kw(device_mtbf=1e6, n=8)),
+    "reliability.load_checkpoint": E(lambda: (__import__("utils.reliability").reliability
+                                              .save_checkpoint(_ckpt_path(), {"x": 1}),
+                                              dict(path=_ckpt_path()))[1],
+                                     skip={"path": "a file; missing and corrupt ones are tested"}),
+    "reliability.rng_state": E(kw()),
+    "reliability.save_checkpoint": E(lambda: dict(path=_ckpt_path(), state={"x": 1}),
+                                     skip={"path": "a file path"}),
+    "reliability.set_rng_state": E(lambda: dict(state=__import__("utils.reliability")
+                                                .reliability.rng_state())),
+    "reliability.simulate_goodput": E(kw(interval_seconds=600.0, checkpoint_seconds=60.0,
+                                         restart_seconds=120.0, mtbf_seconds=3600.0,
+                                         work_seconds=36000.0, seed=0),
+                                      allow={"restart_seconds": {"zero"},
+                                             "checkpoint_seconds": {"zero"}}),
+    "reliability.young_daly_interval": E(kw(checkpoint_seconds=60.0, mtbf_seconds=3600.0)),
+    "reliability.young_interval": E(kw(checkpoint_seconds=60.0, mtbf_seconds=3600.0)),
+    # -- quant (chapter 20) ------------------------------------------------------------------
+    "quant.awq_search": E(lambda: dict(w=_w(4, 8), x=_w(16, 8, 1), bits=4, group_size=4, grid=4)),
+    "quant.bits_per_weight": E(kw(fmt="nf4", block_size=64)),
+    "quant.bitsandbytes_functional": E(kw()),
+    "quant.dynamic_int8_benchmark": E(kw(d_model=32, n_layers=1, batch=2, repeats=1, seed=0),
+                                      run_base=False, allow={"seed": {"zero"}}),
+    "quant.dynamic_int8_warnings": E(kw(result={"speedup": 1.5}, report=False),
+                                     run_base=False),
+    "quant.fake_quant_int8": E(lambda: dict(x=_w(), dim=0),
+                               allow={"x": {"shape"}, "dim": {"zero", "neg"}}),   # dim -1 is valid
+    "quant.format_info": E(kw(name="e4m3")),
+    "quant.fp8_bits": E(lambda: dict(x=_w(), fmt="e4m3"), allow={"x": {"shape"}}),
+    "quant.fp8_matmul_cuda": E(lambda: dict(a=_w(16, 16), b=_w(16, 16, 1)), run_base=False),
+    "quant.fp8_round": E(lambda: dict(x=_w(), fmt="e4m3"), allow={"x": {"shape"}}),
+    "quant.fp_grid": E(kw(fmt="e2m1")),
+    "quant.gptq_quantize": E(lambda: dict(w=_w(4, 8), h=(lambda a: a.T @ a)(_w(16, 8, 1)),
+                                          bits=4, damp=0.01), allow={"damp": {"zero"}}),
+    "quant.int8_dequantize": E(lambda: dict(q=torch.tensor([[1, -2], [3, 4]], dtype=torch.int8),
+                                            scale=torch.tensor(0.5),
+                                            zero_point=torch.tensor(0, dtype=torch.int32)),
+                             # a per-tensor scale broadcasts over any shape of q
+                             allow={"q": {"shape"}, "scale": {"shape"}, "zero_point": {"shape"}}),
+    "quant.int8_quantize": E(lambda: dict(x=_w(), dim=None, symmetric=True),
+                             allow={"x": {"shape"}}),
+    "quant.int_quantize_groups": E(lambda: dict(w=_w(4, 8), bits=4, group_size=4)),
+    "quant.llm_int8_matmul": E(lambda: dict(x=_w(2, 8), w=_w(4, 8, 1), threshold=6.0),
+                               allow={"threshold": {"zero"}}),   # every column an outlier: all 16-bit
+    "quant.nf4_codebook": E(kw()),
+    "quant.nf4_dequantize": E(lambda: (lambda c: dict(codes=c[0], absmax=c[1], block_size=64))(
+        __import__("utils.quant").quant.nf4_quantize(_w(4, 32), 64)),
+                              skip={"shape": "optional shape"}),
+    "quant.nf4_pack": E(lambda: dict(codes=torch.tensor([1, 2, 3, 4], dtype=torch.uint8))),
+    "quant.nf4_quantize": E(lambda: dict(x=_w(4, 32), block_size=64), allow={"x": {"shape"}}),
+    "quant.perplexity": E(lambda: dict(model=model(), text="hello world, hello world", seq_len=8)),
+    "quant.quantization_error": E(lambda: dict(w=_w(4, 8), w_hat=_w(4, 8, 1),
+                                               h=(lambda a: a.T @ a)(_w(16, 8, 2)))),
+    "quant.quantize_model_weights": E(lambda: dict(model=_tiny_model(), method="rtn", bits=4),
+                                      skip={"quantize_fn": "optional callable",
+                                            "calib_tokens": "optional tensor"}),
+    "quant.rtn_quantize": E(lambda: dict(w=_w(4, 8), bits=4)),
+    "quant.smoothquant_scales": E(lambda: dict(act_absmax=torch.rand(8, generator=_g()) + 0.1,
+                                               w=_w(4, 8), alpha=0.5),
+                                  allow={"alpha": {"zero"}}),
+    # -- edge (chapter 22) -------------------------------------------------------------------
+    "edge.bits_per_weight": E(kw(fmt="Q4_0")),
+    "edge.decode_tokens_per_s": E(kw(bandwidth=1e11, bytes_per_token=1e9)),
+    "edge.dequantize": E(lambda: dict(data=__import__("utils.edge").edge.quantize(
+        np.linspace(-1, 1, 64, dtype=np.float32), "Q8_0"), fmt="Q8_0")),
+    "edge.edge_device": E(kw(name="Jetson-AGX-Orin-64GB")),
+    "edge.joules_per_token": E(kw(watts=15.0, tokens_per_s=20.0)),
+    "edge.model_bytes": E(kw(n_params=1_000_000, fmt="Q4_0")),
+    "edge.pack_q4_k": E(lambda: dict(d=0.01, dmin=0.002, scales=[1] * 8, mins=[0] * 8,
+                                     q=[3] * 256),
+                        allow={"d": {"zero", "neg"}, "dmin": {"zero", "neg"}}),
+    "edge.quantize": E(lambda: dict(x=np.linspace(-1, 1, 64, dtype=np.float32), fmt="Q8_0")),
+    "edge.read_gguf": E(lambda: dict(path=_tmp_path() / "missing.gguf"), run_base=False,
+                        skip={"path": "a file; missing and corrupt ones are tested"}),
+    "edge.speed_outliers": E(kw(rates={"F32": 10.0, "Q8_0": 11.0}, reference="F32", band=2.0)),
+    "edge.write_gguf": E(lambda: dict(model=_gguf_model(), path=_tmp_path() / "m.gguf", fmt="Q8_0"),
+                         skip={"path": "a file path"}),
+})
 
 def _block_tables():
     m = pk.BlockManager(8, block_size=2)

@@ -71,7 +71,7 @@ def test_bad_input_is_named(args, exc, match):
 
 
 def test_unknown_names():
-    with pytest.raises(KeyError, match="unknown memory technology 'HBM5'"):
+    with pytest.raises(KeyError, match="unknown memory technology name 'HBM5'"):
         mt.tech("HBM5")
     with pytest.raises(KeyError, match="unknown GPU"):
         mt.gpu_memory("V100")

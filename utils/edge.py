@@ -267,8 +267,12 @@ def speed_outliers(rates: dict, reference: str = "F32", band: float = 2.0) -> li
     process, frequency scaling), so the lab reports it as a measurement warning.
     Returned in the order of ``rates``.
     """
-    if not isinstance(rates, dict) or reference not in rates:
-        raise ValueError(f"rates must be a dict of format -> tokens/s that contains {reference!r}")
+    if not isinstance(rates, dict):
+        raise TypeError(f"rates must be a dict of format -> tokens/s, got {type(rates).__name__}")
+    if not isinstance(reference, str):
+        raise TypeError(f"reference must be a format name (str), got {type(reference).__name__}")
+    if reference not in rates:
+        raise ValueError(f"reference={reference!r} is not in rates (formats: {', '.join(rates)})")
     check_number("band", band, low=1.0)
     for k, v in rates.items():
         check_positive(f"rates[{k!r}]", v)
@@ -291,6 +295,9 @@ def write_gguf(model, path, fmt: str) -> Path:
     import gguf
 
     check_choice("fmt", fmt, FILE_FORMATS)
+    from .tiny import TinyTransformer
+    if not isinstance(model, TinyTransformer):
+        raise TypeError(f"model must be a utils.tiny.TinyTransformer, got {type(model).__name__}")
     path = Path(path)
     w = gguf.GGUFWriter(str(path), "tiny")
     w.add_string("tiny.config", model.config.to_json())

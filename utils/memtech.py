@@ -24,7 +24,7 @@ from types import MappingProxyType
 from typing import Mapping, Optional
 
 from . import hardware
-from .validate import check_positive
+from .validate import UnknownName, check_positive
 
 __all__ = ["MemoryTech", "GPUMemory", "TECHNOLOGIES", "GPU_MEMORY", "interface_bandwidth",
            "implied_pin_rate", "tech", "gpu_memory", "decode_ceiling"]
@@ -113,7 +113,7 @@ def tech(name: str) -> MemoryTech:
     for key, value in _TECHS.items():
         if key.lower() == name.strip().lower():
             return value
-    raise KeyError(f"unknown memory technology {name!r}; known: {', '.join(_TECHS)}")
+    raise UnknownName(f"unknown memory technology name {name!r}; known: {', '.join(_TECHS)}")
 
 
 @dataclass(frozen=True)

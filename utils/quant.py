@@ -123,12 +123,17 @@ FORMATS: Mapping[str, FormatInfo] = MappingProxyType({
 
 def format_info(name: str) -> FormatInfo:
     """The :class:`FormatInfo` of ``"int8"``, ``"int4"``, ``"e4m3"``, ``"e5m2"``, ``"e2m1"`` or ``"nf4"``."""
+    return _info(name, "name")
+
+
+def _info(name, arg: str) -> FormatInfo:
+    """``format_info`` for an argument called ``arg`` (errors name it)."""
     if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
+        raise TypeError(f"{arg} must be a format name (str), got {type(name).__name__}")
     try:
         return FORMATS[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown format {name!r}; known: {', '.join(FORMATS)}") from None
+        raise ValueError(f"unknown format {arg}={name!r}; known: {', '.join(FORMATS)}") from None
 
 
 def bits_per_weight(fmt: str, block_size: int | None = None, scale_bits: int = 32,
@@ -142,7 +147,7 @@ def bits_per_weight(fmt: str, block_size: int | None = None, scale_bits: int = 3
     NF4, block 64, fp32 absmax: 4.5 bits; with double quantization 4 + 8/64 + 32/(64·256)
     = 4.127 (QLoRA, Section 3). MXFP4 = ``bits_per_weight("e2m1", 32, scale_bits=8)`` = 4.25.
     """
-    bits = format_info(fmt).bits
+    bits = _info(fmt, "fmt").bits
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
     if block_size is None:
@@ -301,7 +306,7 @@ _FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
 def _float_format(fmt: str) -> FormatInfo:
-    info = format_info(fmt)
+    info = _info(fmt, "fmt")
     if info.kind != "float":
         raise ValueError(f"fmt must be a float format (e4m3, e5m2, e2m1), got {fmt!r}")
     return info
@@ -628,7 +633,10 @@ def perplexity(model, text: str, seq_len: int | None = None) -> float:
     if not isinstance(text, str) or len(text) < 2:
         raise ValueError("text must be a string of at least 2 characters")
     seq_len = _check_int("seq_len", seq_len or model.config.max_seq_len, lo=2)
-    ids = torch.tensor(tiny.CharTokenizer().encode(text))
+    try:
+        ids = torch.tensor(tiny.CharTokenizer().encode(text))
+    except ValueError as e:
+        raise ValueError(f"text: {e}") from None
     n = (ids.numel() - 1) // seq_len
     if n == 0:
         raise ValueError(f"text is shorter than seq_len + 1 = {seq_len + 1} characters")
@@ -780,12 +788,12 @@ def fp8_matmul_cuda(a: torch.Tensor, b: torch.Tensor):
 
     ``a`` ``[m, k]``, ``b`` ``[k, n]`` on CUDA; raises RuntimeError without CUDA.
     """
-    if not torch.cuda.is_available():
-        raise RuntimeError("fp8_matmul_cuda needs a CUDA GPU with FP8 tensor cores")
     _check_tensor("a", a, _FLOATS, ndim=2)
     _check_tensor("b", b, _FLOATS, ndim=2)
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"inner dimensions differ: a {tuple(a.shape)}, b {tuple(b.shape)}")
+    if not torch.cuda.is_available():
+        raise RuntimeError("fp8_matmul_cuda needs a CUDA GPU with FP8 tensor cores")
     fmax = FORMATS["e4m3"].max_finite
     sa = (a.abs().max().float() / fmax).clamp(min=1e-12)
     sb = (b.abs().max().float() / fmax).clamp(min=1e-12)

@@ -130,6 +130,8 @@ def tiled_matmul(A: torch.Tensor, B: torch.Tensor, mem: FastMemory,
     (tm x tk) tiles of A and (tk x tn) tiles of B; then the C tile is stored once.
     """
     _tensor("A", A, 2), _tensor("B", B, 2)
+    if not isinstance(mem, FastMemory):
+        raise TypeError(f"mem must be a FastMemory, got {type(mem).__name__}")
     if A.shape[1] != B.shape[0]:
         raise ValueError(f"A is {tuple(A.shape)} and B is {tuple(B.shape)}: inner sizes differ")
     if A.dtype != B.dtype:
@@ -327,6 +329,12 @@ def plateaus(sweep: Iterable[tuple[int, float]], levels: Mapping[str, int]) -> d
     A point (working set w, bandwidth) belongs to the first level whose capacity is
     >= w, else to DRAM. Levels with no points are left out.
     """
+    if not isinstance(levels, Mapping):
+        raise TypeError(f"levels must be a mapping of level name -> bytes, got {type(levels).__name__}")
+    for lv, cap in levels.items():
+        _int(f"levels[{lv!r}]", cap)
+    if isinstance(sweep, (str, bytes)) or not isinstance(sweep, Iterable):
+        raise TypeError(f"sweep must be (working set, bandwidth) pairs, got {type(sweep).__name__}")
     caps = sorted(levels.items(), key=lambda kv: kv[1])
     groups: dict[str, list[float]] = {}
     for w, bw in sweep:
