@@ -132,3 +132,42 @@ def test_on_chip_memory_per_sm(name):
     # the whole chip holds megabytes of registers: 14.5 MiB on L4, 152 MiB on MI300X
     total_regs = g.sm_count * g.register_file_per_sm
     assert 14 * 2**20 < total_regs < 160 * 2**20
+
+
+# ---- the system registry (chapter 07): figures as NVIDIA's documents print them
+SYSTEM_FIGURES = {
+    # name: (gpus, GPU memory "GB", NVSwitch chips, compute NICs, NIC Gb/s, CPU cores, kW max, U)
+    "DGX-A100": (8, 640, 6, 8, 200, 128, 6.5, 6),
+    "DGX-H100": (8, 640, 4, 8, 400, 112, 10.2, 8),
+    "DGX-B200": (8, 1440, 2, 8, 400, 112, 14.3, 10),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SYSTEM_FIGURES))
+def test_systems_against_their_documents(name):
+    gpus, mem_gb, nvs, nics, gbps, cores, kw, units = SYSTEM_FIGURES[name]
+    s = hw.system(name)
+    assert (s.gpus, s.nvswitches, s.compute_nics, s.cpu_cores, s.rack_units) == \
+        (gpus, nvs, nics, cores, units)
+    assert s.gpu_memory_bytes == mem_gb * 2**30            # the registry's GB-as-GiB convention
+    assert s.gpu_memory_bytes == s.gpus * s.gpu_spec.memory_bytes
+    assert s.nic_bandwidth == gbps * 1e9 / 8
+    assert s.network_bandwidth == nics * gbps * 1e9 / 8
+    assert s.max_power_watts == kw * 1000
+    assert s.system_memory_bytes == 2 * 2**40
+    assert s.nvlink_bandwidth == s.gpu_spec.link_bandwidth
+    assert s.source and "NVIDIA" in s.source and f"{kw:g} kW" in s.source
+
+
+def test_system_lookup_and_errors():
+    assert hw.systems() == ["DGX-A100", "DGX-H100", "DGX-B200"]
+    assert hw.system("dgx h100") is hw.system("DGX-H100") is hw.SYSTEMS["DGX-H100"]
+    assert hw.system("DGXB200").name == "DGX-B200"
+    with pytest.raises(KeyError, match="unknown system name 'DGX-Z'.*DGX-H100"):
+        hw.system("DGX-Z")
+    with pytest.raises(ValueError):
+        hw.system("HGX-H100")
+    with pytest.raises(TypeError):
+        hw.system(100)
+    with pytest.raises(TypeError):
+        hw.SYSTEMS["X"] = hw.SYSTEMS["DGX-H100"]
