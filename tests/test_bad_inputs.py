@@ -131,6 +131,7 @@ class E:
     skip: dict = field(default_factory=dict)    # arg -> reason it is not mutated
     varargs: tuple = ()                     # names passed positionally (before *args)
     run_base: bool = True                   # False for measurements (slow on a busy box)
+    make: Callable | None = None            # for "module.Class.method": a fresh object
 
 
 def kw(**k):
@@ -589,6 +590,58 @@ SWEEP.update({
                          skip={"path": "a file path"}),
 })
 
+# -- constructors and the methods a learner or a notebook calls with its own arguments --------
+def _cfg():
+    return CFG
+
+
+SWEEP.update({
+    "tiling.FastMemory": E(kw(capacity=1 << 16)),
+    "tiling.FastMemory.alloc": E(kw(shape=(4, 4)), make=_fast_memory, skip={"dtype": "a dtype"},
+                           allow={"shape": {"type"}}),   # an int is a 1-D shape
+    "tiling.FastMemory.load": E(lambda: dict(view=_w(4, 4)), make=_fast_memory,
+                                allow={"view": {"shape", "dtype"}}),
+    "allocator.CachingAllocator": E(kw(capacity=1 << 30, max_split_size=float(1 << 28)),
+                                    allow={"max_split_size": {"inf"}}),
+    "allocator.CachingAllocator.malloc": E(kw(nbytes=4096), make=lambda: __import__(
+        "utils.allocator").allocator.CachingAllocator(), allow={"nbytes": {"zero"}}),
+    "allocator.CachingAllocator.free": E(kw(handle=12345), run_base=False,
+                                         make=lambda: __import__("utils.allocator").allocator
+                                         .CachingAllocator()),
+    "paged_kv.BlockAllocator": E(kw(num_blocks=8)),
+    "paged_kv.BlockAllocator.free": E(kw(block=0), run_base=False,
+                                      make=lambda: pk.BlockAllocator(8)),
+    "paged_kv.BlockAllocator.fork": E(kw(block=0), run_base=False,
+                                      make=lambda: pk.BlockAllocator(8)),
+    "paged_kv.BlockManager": E(kw(num_blocks=8, block_size=4)),
+    "paged_kv.BlockManager.append_slots": E(kw(seq="a", n=3), make=lambda: pk.BlockManager(8, 4),
+                                            allow={"seq": {"name", "type"}, "n": {"zero"}}),
+    "paged_kv.BlockManager.allocate_prompt": E(kw(seq="a", token_ids=[1, 2, 3, 4, 5]),
+                                               make=lambda: pk.BlockManager(8, 4, prefix_caching=True),
+                                               allow={"seq": {"name", "type"}}),
+    "tiny.TinyConfig": E(kw(vocab=44, n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48,
+                            max_seq_len=32)),
+    "tiny.TinyTransformer": E(lambda: dict(config=_cfg())),
+    "tiny.ContiguousKVCache": E(lambda: dict(config=_cfg(), batch_size=2, max_len=16),
+                                skip={"dtype": "a dtype", "device": "a device"}),
+    "tiny.CharTokenizer": E(kw(alphabet="abc ", eos=" "), allow={"alphabet": {"name"}}),
+    "speculative.MarkovLM": E(lambda: dict(table=torch.full((3, 3, 3), 1 / 3),
+                                           first=torch.full((3, 3), 1 / 3), max_seq_len=8),
+                              allow={"table": {"type"}, "first": {"type"}}),   # nested lists convert
+    "serving.CostModel": E(kw(decode_base=0.01, decode_per_seq=0.001, prefill_base=0.01,
+                              prefill_per_token=1e-4),
+                           allow={"decode_per_seq": {"zero"}, "prefill_per_token": {"zero"},
+                                  "decode_base": {"zero"}, "prefill_base": {"zero"},
+                                  "source": {"name"}}),
+    # advance_to is "at least t": a time at or before now leaves the clock where it is
+    "serving.VirtualClock.advance_to": E(kw(t=1.0), make=lambda: serving.VirtualClock(UNIT),
+                                         allow={"t": {"zero", "neg"}}),
+    "scheduler.Job": E(kw(jid=0, submit=0.0, gpus=8, duration=10.0),
+                       allow={"jid": {"zero"}, "submit": {"zero"}, "priority": {"zero", "neg"}}),
+    "plots.Roof": E(kw(label="cpu", peak_flops=1e12, bandwidth=1e11),
+                    allow={"label": {"name"}}),
+})
+
 def _block_tables():
     m = pk.BlockManager(8, block_size=2)
     m.append_slots("a", 3)
@@ -668,8 +721,12 @@ def _timed(fn, kwargs, varargs):
 
 
 def _resolve(qualname):
-    mod, name = qualname.split(".")
-    return getattr(importlib.import_module(f"utils.{mod}"), name)
+    """The function, class (its constructor is swept) or, for "module.Class.method", the
+    method bound to a fresh object from the entry's ``make``."""
+    mod, *names = qualname.split(".")
+    if len(names) == 2:
+        return getattr(SWEEP[qualname].make(), names[1])
+    return getattr(importlib.import_module(f"utils.{mod}"), names[0])
 
 
 def _names_arg(message: str, arg: str) -> bool:
@@ -697,6 +754,8 @@ def sweep_one(qualname: str) -> list[str]:
             kwargs = entry.base()
             kwargs[arg] = bad
             what = f"{arg}={kind}"
+            if entry.make is not None:
+                fn = _resolve(qualname)
             try:
                 _timed(fn, kwargs, entry.varargs)
             except Hang:

@@ -296,7 +296,9 @@ class BlockManager:
         """
         if seq in self.tables:
             raise ValueError(f"sequence {seq!r} already exists; allocate_prompt starts a new one")
-        tokens = [int(t) for t in token_ids]
+        if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence):
+            raise TypeError(f"token_ids must be a sequence of token ids, got {type(token_ids).__name__}")
+        tokens = [check_int(f"token_ids[{i}]", t, low=0) for i, t in enumerate(token_ids)]
         n, B = len(tokens), self.block_size
         if n == 0:
             raise ValueError("the prompt is empty")

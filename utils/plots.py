@@ -76,6 +76,15 @@ class Roof:
     bandwidth: float
     extra_bandwidths: Sequence[tuple[str, float]] = ()   # e.g. [("L2", 7e12)]
 
+    def __post_init__(self):
+        from .validate import check_positive
+        if not isinstance(self.label, str):
+            raise TypeError(f"label must be a str, got {type(self.label).__name__}")
+        check_positive("peak_flops", self.peak_flops)
+        check_positive("bandwidth", self.bandwidth)
+        for name, bw in self.extra_bandwidths:
+            check_positive(f"extra_bandwidths[{name!r}]", bw)
+
     def attainable(self, intensity, bandwidth: Optional[float] = None):
         bw = self.bandwidth if bandwidth is None else bandwidth
         return np.minimum(self.peak_flops, np.asarray(intensity, dtype=float) * bw)

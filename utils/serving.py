@@ -41,6 +41,7 @@ Times are seconds, sizes bytes, rates requests per second.
 from __future__ import annotations
 
 import math
+import numbers
 import random
 import time
 from contextlib import contextmanager
@@ -326,8 +327,11 @@ class VirtualClock:
         return self.cost is None
 
     def advance_to(self, t: float) -> None:
+        """Move the clock forward to ``t`` (a time at or before now leaves it where it is)."""
+        if isinstance(t, bool) or not isinstance(t, numbers.Real):
+            raise TypeError(f"t must be a number of seconds, got {type(t).__name__}")
         if not math.isfinite(t):
-            raise ValueError(f"cannot advance the clock to {t!r}")
+            raise ValueError(f"cannot advance the clock to t={t!r}")
         if t > self.now:
             self.now = t
 

@@ -90,6 +90,11 @@ class FastMemory:
 
     def alloc(self, shape, dtype=torch.float32) -> torch.Tensor:
         """A zeroed buffer in fast memory (no slow-memory traffic)."""
+        if isinstance(shape, int) and not isinstance(shape, bool):
+            shape = (shape,)
+        if not isinstance(shape, (tuple, list, torch.Size)):
+            raise TypeError(f"shape must be a tuple of ints, got {type(shape).__name__}")
+        shape = tuple(check_int(f"shape[{i}]", s, low=0) for i, s in enumerate(shape))
         return self._take(torch.zeros(shape, dtype=dtype))
 
     def store(self, view: torch.Tensor, buf: torch.Tensor) -> None:

@@ -51,14 +51,23 @@ MODEL_NAMES = ("tiny-draft", "tiny-target", "tiny-target-xl")
 
 # --- tokenizer ------------------------------------------------------------------------
 
+def _check_config(config) -> None:
+    if not isinstance(config, TinyConfig):
+        raise TypeError(f"config must be a TinyConfig, got {type(config).__name__}")
+
+
 class CharTokenizer:
     """One token per character of a fixed alphabet; the id is the index in the alphabet."""
 
     def __init__(self, alphabet: str = ALPHABET, eos: str = "\n"):
+        if not isinstance(alphabet, str) or not alphabet:
+            raise TypeError(f"alphabet must be a non-empty str, got {alphabet!r}")
+        if not isinstance(eos, str) or len(eos) != 1:
+            raise TypeError(f"eos must be one character (a str of length 1), got {eos!r}")
         if len(set(alphabet)) != len(alphabet):
             raise ValueError("alphabet has repeated characters")
         if eos not in alphabet:
-            raise ValueError(f"end-of-document character {eos!r} is not in the alphabet")
+            raise ValueError(f"end-of-document character eos={eos!r} is not in the alphabet")
         self.alphabet = alphabet
         self._id = {ch: i for i, ch in enumerate(alphabet)}
         self.eos_id = self._id[eos]          # documents end with a newline
@@ -232,6 +241,7 @@ class ContiguousKVCache(KVCache):
 
     def __init__(self, config: TinyConfig, batch_size: int = 1, max_len: int | None = None,
                  device=None, dtype: torch.dtype = torch.float32):
+        _check_config(config)
         max_len = config.max_seq_len if max_len is None else max_len
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -408,6 +418,7 @@ class Block(nn.Module):
 class TinyTransformer(nn.Module):
     def __init__(self, config: TinyConfig):
         super().__init__()
+        _check_config(config)
         self.config = config
         self.embed = nn.Embedding(config.vocab, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
