@@ -76,7 +76,7 @@ def test_ring_transfers_and_loads():
 
 def test_double_binary_tree_n8_by_hand():
     a, b = dgx.double_binary_tree(8)
-    # NCCL's rule: r with lowest bit b under (r - b) + 2b; 4 under the root 0
+    # NCCL's rule: r with lowest bit b under (r - b) | 2b (bitwise or); 4 under the root 0
     assert a == [None, 2, 4, 2, 0, 6, 4, 6]
     assert b == [1, 3, 1, 7, 5, 3, 5, None]          # the mirror image r -> 7 - r
 

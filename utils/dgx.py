@@ -277,8 +277,8 @@ def double_binary_tree(n: int) -> tuple[list, list]:
     """NCCL's two binary trees over ranks ``0..n-1``: ``(parents_a, parents_b)``.
 
     ``parents[r]`` is the parent rank of ``r``, ``None`` for the root. Tree A: rank 0 is
-    the root; rank ``r`` with lowest set bit ``b`` hangs under ``(r - b) + 2b`` (or ``r - b``
-    when that is out of range), so every odd rank is a leaf. Tree B is A mirrored
+    the root; rank ``r`` with lowest set bit ``b`` hangs under ``(r - b) | 2b`` (bitwise
+    or; ``r - b`` when that is out of range), so every odd rank is a leaf. Tree B is A mirrored
     (``r -> n-1-r``) when ``n`` is even, shifted by one (``r -> r+1 mod n``) when odd.
     """
     n = check_int("n", n, low=1)
