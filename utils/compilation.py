@@ -68,6 +68,12 @@ CALIBRATION_FACTS = MappingProxyType({
     "threshold": ("upper edge of the last kept bin", "pytorch-quantization "
                   "_compute_amax_entropy returns calib_bin_edges[i]; the slide writes "
                   "(m + 0.5) x bin width, half a bin (1/4096 of the range) lower"),
+    "min_max_calibrator": ("the preferred calibrator for NLP tasks",
+                           "TensorRT API reference, IInt8MinMaxCalibrator (C++ API from "
+                           "TensorRT 6.0.1; Python API 7.x-10.x)"),
+    "deprecation": ("the implicit calibrators are deprecated, superseded by explicit "
+                    "quantization", "TensorRT 10.1 API reference, IInt8EntropyCalibrator2 "
+                    "and IInt8MinMaxCalibrator"),
     "entropy_calibrator_2": ("the preferred calibrator; required for DLA",
                              "TensorRT C++ API reference, class IInt8EntropyCalibrator2 "
                              "(TensorRT 8.x-10.x; deprecated in 10.1 in favour of explicit "
