@@ -143,6 +143,8 @@ SWEEP: dict[str, E] = {
     "hardware.names": E(kw()),
     "hardware.get": E(kw(name="H100")),
     "hardware.link": E(kw(name="NVLink 4")),
+    "hardware.system": E(kw(name="DGX-H100")),
+    "hardware.systems": E(kw()),
     "hardware.ridge_point": E(kw(spec="H100", dtype="bf16")),
     "hardware.attainable_flops": E(kw(intensity=10.0, peak_flops=1e15, bandwidth=1e12),
                                    allow={"intensity": {"zero"}}),
