@@ -23,18 +23,30 @@ Functions
     ``max_min_fair(capacities, paths)`` -- the fair rates.
     ``concurrent_rates(graph, transfers)`` -- rates and the bottleneck edge of each transfer.
     ``max_flow(graph, src, dst)`` -- networkx's max-flow, for comparison.
+
+Cluster fabrics (chapter 08) are graphs of the same kind, returned as a :class:`Fabric`
+(the graph, its host and switch counts, and the hosts in order):
+
+    ``fat_tree(k, link, oversubscription)`` -- Al-Fares et al.'s k-ary fat tree.
+    ``rail_optimized(nodes, gpus_per_node, link, nvlink, spines, oversubscription)`` and
+    ``rail_only(nodes, gpus_per_node, link, nvlink)`` -- GPU servers wired by rails.
+    ``fabric(name, **params)`` -- one of those by name (:data:`TOPOLOGIES`).
+    ``bisection_bandwidth(fabric)`` -- the max-flow across the cut between its two halves.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import networkx as nx
 
 from . import hardware
-from .validate import check_int, check_nonnegative, check_number, check_positive
+from .validate import UnknownName, check_int, check_nonnegative, check_number, check_positive
 
 __all__ = ["transfer_time", "pcie_server", "nvswitch_server", "route", "max_min_fair",
-           "concurrent_rates", "max_flow"]
+           "concurrent_rates", "max_flow", "Fabric", "TOPOLOGIES", "fat_tree", "rail_optimized",
+           "rail_only", "fabric", "bisection_bandwidth", "FAT_TREE_SOURCE", "RAIL_SOURCES"]
 
 
 def transfer_time(nbytes, bandwidth, latency=0.0, efficiency=1.0) -> float:
@@ -219,3 +231,174 @@ def max_flow(graph, src, dst) -> float:
     if src == dst:
         raise ValueError(f"src and dst must differ, both are {src!r}")
     return float(nx.maximum_flow_value(graph, src, dst, capacity="capacity"))
+
+
+# --------------------------------------------------------------------------- cluster fabrics
+
+FAT_TREE_SOURCE = ("M. Al-Fares, A. Loukissas, A. Vahdat, 'A Scalable, Commodity Data Center "
+                   "Network Architecture', SIGCOMM 2008, Section 3.2: k pods of k/2 edge and "
+                   "k/2 aggregation switches, (k/2)^2 core switches, k^3/4 hosts, all switches "
+                   "with k ports")
+RAIL_SOURCES = {
+    "rail_optimized": "NVIDIA DGX SuperPOD reference architecture (DGX H100): the i-th NIC of "
+                      "every server on leaf switch i (a 'rail'), leaves joined by spines",
+    "rail_only": "W. Wang, M. Ghobadi, K. Shakeri, Y. Zhang, N. Hasani, 'Rail-only: A Low-Cost "
+                 "High-Performance Network for Training LLMs with Trillion Parameters', "
+                 "arXiv:2307.12169 (2023): rails without spines, cross-rail traffic over NVLink",
+}
+
+#: The fabric builders :func:`fabric` knows by name.
+TOPOLOGIES = ("fat_tree", "rail_optimized", "rail_only")
+
+
+@dataclass(frozen=True)
+class Fabric:
+    """A cluster network: ``graph`` (a ``networkx.DiGraph`` as everywhere in this module),
+    ``hosts`` and ``switches`` (counts), ``host_names`` (the hosts in build order: pod by
+    pod, or server by server) and ``name``. Network switches have ``kind`` ``edge``,
+    ``agg``, ``core``, ``leaf`` or ``spine``; an in-server NVSwitch (``kind`` ``nvswitch``)
+    is part of the server, not counted as a switch."""
+
+    graph: nx.DiGraph
+    hosts: int
+    switches: int
+    host_names: tuple
+    name: str
+
+
+def _link_name(link) -> str:
+    return link if isinstance(link, str) else link.name
+
+
+def fat_tree(k: int = 4, link="InfiniBand NDR", oversubscription: float = 1.0) -> Fabric:
+    """Al-Fares et al.'s k-ary fat tree of k-port switches (:data:`FAT_TREE_SOURCE`).
+
+    ``k`` pods; each has ``k/2`` edge switches (``e{pod}.{i}``), each with ``k/2`` hosts
+    (``h{pod}.{i}.{j}``), and ``k/2`` aggregation switches (``a{pod}.{i}``), every edge
+    switch linked to every aggregation switch of its pod. ``(k/2)^2`` core switches
+    (``c{i}.{j}``): aggregation switch ``i`` of every pod links to cores ``c{i}.0 ..
+    c{i}.{k/2-1}``. Every link carries ``link`` (a registry name or LinkSpec) per
+    direction, except the aggregation-core links, which carry ``link / oversubscription``:
+    ``oversubscription = 7`` is the 1:7 ratio between what a pod's hosts can send and what
+    leaves the pod. ``k`` must be an even int >= 2.
+    """
+    k = check_int("k", k, low=2)
+    if k % 2:
+        raise ValueError(f"k (the switch radix) must be even, got {k}: each switch splits its "
+                         "k ports half down, half up")
+    bw = _link_capacity(link)
+    oversubscription = check_positive("oversubscription", oversubscription)
+    name = _link_name(link)
+    half = k // 2
+    g = nx.DiGraph(name=f"{k}-ary fat tree ({name}, 1:{oversubscription:g} above the pods)")
+    hosts = []
+    for i in range(half):
+        for j in range(half):
+            g.add_node(f"c{i}.{j}", kind="core", pod=None)
+    for p in range(k):
+        for i in range(half):
+            g.add_node(f"a{p}.{i}", kind="agg", pod=p)
+            for j in range(half):
+                _connect(g, f"a{p}.{i}", f"c{i}.{j}", bw / oversubscription, name)
+        for i in range(half):
+            edge = f"e{p}.{i}"
+            g.add_node(edge, kind="edge", pod=p)
+            for a in range(half):
+                _connect(g, edge, f"a{p}.{a}", bw, name)
+            for j in range(half):
+                host = f"h{p}.{i}.{j}"
+                g.add_node(host, kind="host", pod=p)
+                _connect(g, host, edge, bw, name)
+                hosts.append(host)
+    return Fabric(g, len(hosts), g.number_of_nodes() - len(hosts), tuple(hosts), g.graph["name"])
+
+
+def _rails(nodes, gpus_per_node, link, nvlink, spines, oversubscription, kind):
+    nodes = check_int("nodes", nodes, low=1)
+    gpus_per_node = check_int("gpus_per_node", gpus_per_node, low=1)
+    bw, nv = _link_capacity(link), _link_capacity(nvlink)
+    name, nv_name = _link_name(link), _link_name(nvlink)
+    g = nx.DiGraph(name=f"{kind.replace('_', '-')}: {nodes} servers x {gpus_per_node} GPUs "
+                        f"({name})" + (f", {spines} spines, 1:{oversubscription:g}" if spines else ""))
+    hosts = []
+    for r in range(gpus_per_node):
+        g.add_node(f"rail{r}", kind="leaf", pod=None)
+    for s in range(spines):
+        g.add_node(f"spine{s}", kind="spine", pod=None)
+        for r in range(gpus_per_node):
+            # each leaf's uplinks carry what its servers can send, over the oversubscription
+            _connect(g, f"rail{r}", f"spine{s}", nodes * bw / (spines * oversubscription), name)
+    for n in range(nodes):
+        nvs = f"nvs{n}"
+        g.add_node(nvs, kind="nvswitch", pod=n)
+        for r in range(gpus_per_node):
+            gpu = f"g{n}.{r}"
+            g.add_node(gpu, kind="host", pod=n)
+            _connect(g, gpu, nvs, nv, nv_name)
+            _connect(g, gpu, f"rail{r}", bw, name)
+            hosts.append(gpu)
+    return Fabric(g, len(hosts), gpus_per_node + spines, tuple(hosts), g.graph["name"])
+
+
+def rail_optimized(nodes: int = 4, gpus_per_node: int = 8, link="InfiniBand NDR",
+                   nvlink="NVLink 4", spines: int = 2, oversubscription: float = 1.0) -> Fabric:
+    """Servers of ``gpus_per_node`` GPUs wired by rails (:data:`RAIL_SOURCES`).
+
+    GPU ``r`` of server ``n`` (``g{n}.{r}``) has its own NIC (``link``) to leaf switch
+    ``rail{r}``, and its NVLink (``nvlink``, per direction) to its server's NVSwitch
+    ``nvs{n}``. Every leaf links to each of ``spines`` spine switches (``spine{s}``); each
+    such link carries ``nodes * link / (spines * oversubscription)``, so with
+    ``oversubscription = 1`` a leaf can forward upward all that its GPUs send. Same-rail
+    traffic crosses one switch; cross-rail traffic goes up to a spine, or over NVLink to
+    the GPU on the right rail first (both are 4 hops: shortest-path routing picks one).
+    """
+    spines = check_int("spines", spines, low=1)
+    oversubscription = check_positive("oversubscription", oversubscription)
+    return _rails(nodes, gpus_per_node, link, nvlink, spines, oversubscription, "rail_optimized")
+
+
+def rail_only(nodes: int = 4, gpus_per_node: int = 8, link="InfiniBand NDR",
+              nvlink="NVLink 4") -> Fabric:
+    """:func:`rail_optimized` without spines: a GPU reaches another rail only through its
+    server's NVSwitch (Wang et al. 2023, :data:`RAIL_SOURCES`)."""
+    return _rails(nodes, gpus_per_node, link, nvlink, 0, 1.0, "rail_only")
+
+
+_BUILDERS = {"fat_tree": fat_tree, "rail_optimized": rail_optimized, "rail_only": rail_only}
+
+
+def fabric(name: str, **params) -> Fabric:
+    """The fabric :data:`TOPOLOGIES` calls ``name``, built with ``params``.
+
+    ``fabric("fat_tree", k=8)`` is ``fat_tree(k=8)``. An unknown name raises
+    :class:`~utils.validate.UnknownName` (a ValueError and a KeyError) listing the known ones.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name (a topology name) must be a string, got {type(name).__name__} "
+                        f"{name!r}")
+    if name not in _BUILDERS:
+        raise UnknownName(f"unknown topology name {name!r}; known: {', '.join(TOPOLOGIES)}")
+    return _BUILDERS[name](**params)
+
+
+def bisection_bandwidth(fabric: Fabric) -> float:
+    """B/s that the first half of ``fabric.host_names`` can send to the second half at once.
+
+    The max-flow from a super-source feeding the first half to a super-sink draining the
+    second (networkx), i.e. the capacity of the narrowest cut between the halves. For a fat
+    tree the halves are the first and last ``k/2`` pods, the cut Al-Fares et al. use; a
+    non-blocking fabric gives ``hosts/2`` times a host's link.
+    """
+    if not isinstance(fabric, Fabric):
+        raise TypeError(f"fabric must be a topology.Fabric (from fat_tree, rail_optimized, ...), "
+                        f"got {type(fabric).__name__}")
+    names = fabric.host_names
+    if len(names) < 2:
+        raise ValueError(f"fabric must have at least 2 hosts to cut in half, has {len(names)}")
+    h = fabric.graph.copy()
+    half = len(names) // 2
+    for host in names[:half]:
+        h.add_edge("__source__", host, capacity=math.inf)
+    for host in names[half:2 * half]:
+        h.add_edge(host, "__sink__", capacity=math.inf)
+    return float(nx.maximum_flow_value(h, "__source__", "__sink__", capacity="capacity"))
