@@ -1,5 +1,6 @@
 """utils.topology: transfer times, server graphs and max-min fair shares against networkx."""
 import math
+import re
 
 import networkx as nx
 import pytest
@@ -137,3 +138,112 @@ def test_pinned_beats_pageable_and_d2d_beats_both():
     assert b_d2d > b_pinned
     # pinned H2D stays under its link's per-direction bandwidth (Gen5 x16 on H100 SXM)
     assert b_pinned < hardware.link("PCIe Gen5 x16").bandwidth * 1.05
+
+
+# --------------------------------------------------------------------------- chapter 08 fabrics
+
+@pytest.mark.parametrize("k", [2, 4, 6, 8, 10, 12])
+def test_fat_tree_counts_are_al_fares(k):
+    # Al-Fares et al. 2008, Section 3.2: k^3/4 hosts, k pods of k/2 + k/2 switches, (k/2)^2 cores
+    f = topology.fat_tree(k)
+    kinds = [kind for _, kind in f.graph.nodes(data="kind")]
+    assert f.hosts == kinds.count("host") == k ** 3 // 4
+    assert f.switches == 5 * k * k // 4
+    assert kinds.count("core") == (k // 2) ** 2
+    assert kinds.count("edge") == kinds.count("agg") == k * k // 2
+    und = f.graph.to_undirected()
+    assert all(und.degree(n) == k for n, kind in f.graph.nodes(data="kind") if kind != "host")
+    assert len(f.host_names) == f.hosts
+
+
+def test_fat_tree_of_48_port_switches_is_the_papers_27648_hosts():
+    # the paper's example: 48-port switches, 27,648 hosts; checked on the formula the builder
+    # reproduces above, without building 30,000 nodes
+    assert 48 ** 3 // 4 == 27648 and 5 * 48 ** 2 // 4 == 2880
+
+
+def test_fat_tree_equal_cost_paths():
+    f = topology.fat_tree(6)
+    h = f.host_names
+    # same edge switch, same pod, other pod: 1, k/2 and (k/2)^2 shortest paths
+    assert len(list(nx.all_shortest_paths(f.graph, h[0], h[1]))) == 1
+    assert len(list(nx.all_shortest_paths(f.graph, h[0], h[3]))) == 3
+    assert len(list(nx.all_shortest_paths(f.graph, h[0], h[-1]))) == 9
+
+
+@pytest.mark.parametrize("k,ratio", [(4, 1), (4, 7), (6, 1), (6, 3)])
+def test_fat_tree_bisection_by_hand(k, ratio):
+    bw = hardware.link("InfiniBand NDR").bandwidth
+    f = topology.fat_tree(k, oversubscription=ratio)
+    # half the hosts send to the other half: full bisection at 1:1 (Al-Fares), 1/ratio above it
+    assert topology.bisection_bandwidth(f) == pytest.approx(k ** 3 / 8 * bw / ratio, rel=1e-12)
+
+
+def test_oversubscription_only_above_the_pods():
+    bw = hardware.link("InfiniBand NDR").bandwidth
+    g = topology.fat_tree(4, oversubscription=7).graph
+    for u, v, c in g.edges(data="capacity"):
+        up = {g.nodes[u]["kind"], g.nodes[v]["kind"]} == {"agg", "core"}
+        assert c == pytest.approx(bw / 7 if up else bw)
+
+
+def test_rail_optimized_shape_and_routes():
+    r = topology.rail_optimized(nodes=4, gpus_per_node=8, spines=2)
+    kinds = [kind for _, kind in r.graph.nodes(data="kind")]
+    assert r.hosts == 32 and kinds.count("leaf") == 8 and kinds.count("spine") == 2
+    assert r.switches == 10 and kinds.count("nvswitch") == 4
+    # same rail: through one switch; the leaf's uplinks carry what its 4 GPUs send
+    assert [v for _, v in topology.route(r.graph, "g0.3", "g2.3")] == ["rail3", "g2.3"]
+    bw = hardware.link("InfiniBand NDR").bandwidth
+    assert r.graph.edges["rail0", "spine0"]["capacity"] == pytest.approx(4 * bw / 2)
+
+
+def test_rail_only_has_no_spine_and_crosses_rails_over_nvlink():
+    r = topology.rail_only(nodes=2, gpus_per_node=4)
+    assert "spine0" not in r.graph and r.switches == 4
+    hops = [v for _, v in topology.route(r.graph, "g0.0", "g1.3")]
+    assert any(v.startswith("nvs") for v in hops) and len(hops) == 4
+
+
+def test_fabric_by_name_and_unknown_names():
+    assert topology.fabric("fat_tree", k=4).hosts == 16
+    assert topology.fabric("rail_only", nodes=2, gpus_per_node=2).hosts == 4
+    with pytest.raises(ValueError, match="unknown topology name 'torus'; known: fat_tree"):
+        topology.fabric("torus")
+    with pytest.raises(KeyError):
+        topology.fabric("dragonfly")
+    with pytest.raises(TypeError, match="name"):
+        topology.fabric(3)
+
+
+@pytest.mark.parametrize("call, exc, words", [
+    (lambda: topology.fat_tree(5), ValueError, "k (the switch radix) must be even"),
+    (lambda: topology.fat_tree(0), ValueError, "k must be >= 2"),
+    (lambda: topology.fat_tree(4.0), TypeError, "k must be an integer"),
+    (lambda: topology.fat_tree(4, oversubscription=-1), ValueError, "oversubscription"),
+    (lambda: topology.fat_tree(4, link="InfiniBand QDR+"), ValueError, "unknown link name"),
+    (lambda: topology.rail_optimized(nodes=-1), ValueError, "nodes"),
+    (lambda: topology.rail_optimized(spines=0), ValueError, "spines"),
+    (lambda: topology.bisection_bandwidth(topology.fat_tree(4).graph), TypeError, "fabric"),
+])
+def test_fabric_bad_input(call, exc, words):
+    with pytest.raises(exc, match=re.escape(words)):
+        call()
+
+
+def test_new_builders_pass_the_bad_input_sweep(monkeypatch):
+    """The library-wide sweep (tests/test_bad_inputs.py), run on chapter 08's functions."""
+    import test_bad_inputs as tb
+
+    entries = {
+        "topology.fat_tree": tb.E(tb.kw(k=4, link="InfiniBand NDR", oversubscription=7.0)),
+        "topology.rail_optimized": tb.E(tb.kw(nodes=2, gpus_per_node=4, link="InfiniBand NDR",
+                                              nvlink="NVLink 4", spines=2, oversubscription=1.0)),
+        "topology.rail_only": tb.E(tb.kw(nodes=2, gpus_per_node=4, link="InfiniBand NDR",
+                                         nvlink="NVLink 4")),
+        "topology.fabric": tb.E(tb.kw(name="fat_tree", k=4)),
+        "topology.bisection_bandwidth": tb.E(lambda: dict(fabric=topology.fat_tree(4))),
+    }
+    for name, entry in entries.items():
+        monkeypatch.setitem(tb.SWEEP, name, entry)
+        assert tb.sweep_one(name) == [], name

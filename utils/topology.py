@@ -270,6 +270,16 @@ def _link_name(link) -> str:
     return link if isinstance(link, str) else link.name
 
 
+def _capacity_of(arg: str, link) -> float:
+    """``_link_capacity`` with errors that name the argument ``arg``."""
+    try:
+        return _link_capacity(link)
+    except UnknownName as err:
+        raise UnknownName(f"{arg}: {err}") from None
+    except TypeError as err:
+        raise TypeError(f"{arg}: {err}") from None
+
+
 def fat_tree(k: int = 4, link="InfiniBand NDR", oversubscription: float = 1.0) -> Fabric:
     """Al-Fares et al.'s k-ary fat tree of k-port switches (:data:`FAT_TREE_SOURCE`).
 
@@ -286,7 +296,7 @@ def fat_tree(k: int = 4, link="InfiniBand NDR", oversubscription: float = 1.0) -
     if k % 2:
         raise ValueError(f"k (the switch radix) must be even, got {k}: each switch splits its "
                          "k ports half down, half up")
-    bw = _link_capacity(link)
+    bw = _capacity_of("link", link)
     oversubscription = check_positive("oversubscription", oversubscription)
     name = _link_name(link)
     half = k // 2
@@ -316,7 +326,7 @@ def fat_tree(k: int = 4, link="InfiniBand NDR", oversubscription: float = 1.0) -
 def _rails(nodes, gpus_per_node, link, nvlink, spines, oversubscription, kind):
     nodes = check_int("nodes", nodes, low=1)
     gpus_per_node = check_int("gpus_per_node", gpus_per_node, low=1)
-    bw, nv = _link_capacity(link), _link_capacity(nvlink)
+    bw, nv = _capacity_of("link", link), _capacity_of("nvlink", nvlink)
     name, nv_name = _link_name(link), _link_name(nvlink)
     g = nx.DiGraph(name=f"{kind.replace('_', '-')}: {nodes} servers x {gpus_per_node} GPUs "
                         f"({name})" + (f", {spines} spines, 1:{oversubscription:g}" if spines else ""))
