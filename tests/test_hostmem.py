@@ -179,6 +179,20 @@ def test_measure_numa_explains_one_node(tmp_path):
     assert hostmem.measure_numa(1 << 20, root=tmp_path) is None
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs to stand for two nodes")
+def test_measure_numa_runs_the_two_node_path(tmp_path):
+    # A fake two-node tree whose nodes are two CPUs of this machine: the pinning, first
+    # touch and timing path runs (the memory is not really remote), and the mask is restored.
+    before = os.sched_getaffinity(0)
+    a, b = sorted(before)[:2]
+    _node(tmp_path, 0, str(a), 1024, "10 20")
+    _node(tmp_path, 1, str(b), 1024, "20 10")
+    out = hostmem.measure_numa(1 << 20, root=tmp_path, repeats=1)
+    assert out["nodes"] == (0, 1) and out["local"] > 0 and out["remote"] > 0
+    assert os.sched_getaffinity(0) == before
+
+
 # --------------------------------------------------------------------------- faults, loading
 
 def test_count_faults_one_per_fresh_page():
