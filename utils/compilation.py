@@ -46,7 +46,7 @@ from . import quant, tiny
 from . import validate as _v
 
 __all__ = [
-    "CALIBRATION_FACTS", "TORCH_COMPILE_MODES",
+    "CALIBRATION_FACTS", "TORCH_COMPILE_MODES", "TORCH_COMPILE_MODES_SOURCE",
     "CausalForward", "trace_tiny", "count_ops", "matmul_count", "fuse_sibling_linears",
     "sdpa_attention", "fuse_attention", "fold_constants",
     "Autotuner",
@@ -80,15 +80,17 @@ CALIBRATION_FACTS = MappingProxyType({
                              "quantization)"),
 })
 
-#: ``torch.compile``'s modes as its docstring describes them (torch 2.x).
+#: ``torch.compile``'s modes, paraphrased from its docstring (torch 2.13, parameter ``mode``;
+#: :data:`TORCH_COMPILE_MODES_SOURCE`).
 TORCH_COMPILE_MODES = MappingProxyType({
     "default": "a good balance between performance and overhead",
-    "reduce-overhead": "reduces the Python overhead with CUDA graphs; useful for small "
-                       "batches; costs memory (the graph's workspace is cached)",
-    "max-autotune": "uses Triton or template based matrix multiplications on GPUs, with "
-                    "autotuning; CUDA graphs on by default on GPU",
+    "reduce-overhead": "reduces Python overhead with CUDA graphs, for small batches; costs "
+                       "memory (the workspace is cached between calls)",
+    "max-autotune": "Triton or template matmuls (Triton convolutions on GPU), the best "
+                    "configuration picked by profiling; CUDA graphs on by default on GPU",
     "max-autotune-no-cudagraphs": "max-autotune without CUDA graphs",
 })
+TORCH_COMPILE_MODES_SOURCE = "torch.compile docstring, PyTorch 2.13: parameters `mode` and `options` (max_autotune)"
 
 
 # --------------------------------------------------------------------------- validation
