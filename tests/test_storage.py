@@ -245,7 +245,8 @@ def test_resume_yields_exactly_the_unseen(shards, workers):
         s = next(it)
         ds.mark(s)
         first.append(s["__key__"])
-    del it
+    for _ in it:                                  # drained: the workers exit at once
+        pass
     rest = [s["__key__"] for s in load(make(ds.state_dict()))]
     assert sorted(first + rest) == sorted(full) and not set(first) & set(rest)
 
@@ -277,6 +278,8 @@ def test_drop_cache_and_residency(tmp_path):
     assert storage.resident_fraction(p) < 0.5           # the kernel may keep a page it is using
     t = storage.read_seconds([p], cold=True)
     assert t > 0 and storage.resident_fraction(p) == 1.0
+    storage.drop_cache(p, sync=False)                   # clean pages: no fsync needed
+    assert storage.resident_fraction(p) < 0.5
     e = tmp_path / "empty"
     e.write_bytes(b"")
     assert storage.resident_fraction(e) == 1.0
@@ -289,6 +292,8 @@ def test_read_seconds_bad_input(tmp_path):
         storage.read_seconds([tmp_path], cold="yes")
     with pytest.raises(FileNotFoundError):
         storage.drop_cache(tmp_path / "missing")
+    with pytest.raises(TypeError, match="sync"):
+        storage.drop_cache(tmp_path, sync=1)
 
 
 # ------------------------------------------------------------------ checkpoints

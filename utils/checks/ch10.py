@@ -403,7 +403,7 @@ def resumable_stream(cls):
             if tags != set(range(nw)):
                 fail(f"the '__worker__' tags with {workers} DataLoader workers", f"{set(range(nw))}",
                      f"{tags}", "tag every sample with the index of the worker that read it")
-            for cut in (0, 1, 17, len(full)):
+            for cut in ((1, 17) if workers == 0 else (0, 17, len(full))):
                 ds = cls(paths, num_workers=nw, **kw)
                 it = iter(_loader(ds, workers))
                 first = []
@@ -411,7 +411,8 @@ def resumable_stream(cls):
                     s = next(it)
                     ds.mark(s)
                     first.append(s)
-                del it
+                for _ in it:              # the job stops here: let the workers finish (a
+                    pass                  # half-read DataLoader waits 5 s per worker to exit)
                 state = ds.state_dict()
                 rest = list(_loader(cls(paths, num_workers=nw, state=state, **kw), workers))
                 what = f"resume after {cut} of {len(full)} samples with {workers} DataLoader workers"
@@ -437,8 +438,8 @@ def resumable_stream(cls):
                           "the state must belong to this stream")
         expect_raises(lambda: cls(paths[:-1], num_workers=1, state=state, **kw), ValueError,
                       "resuming with a state of other shards", "a ValueError", "compare the shard list")
-        expect_raises(lambda: list(_loader(cls(paths, num_workers=3, **kw), 2)), ValueError,
-                      "num_workers=3 under a DataLoader with 2 workers", "a ValueError",
+        expect_raises(lambda: list(cls(paths, num_workers=2, **kw)), ValueError,
+                      "num_workers=2, iterated without a DataLoader (one reader)", "a ValueError",
                       "compare with torch.utils.data.get_worker_info()")
     return "under DataLoaders with 0 and 2 workers, a resumed epoch yields exactly the samples not yet seen"
 
@@ -460,7 +461,7 @@ def _state(n_bytes, seed=0):
 @exercise
 def async_checkpoint(checkpointer_cls, restore_fn):
     """``checkpointer_cls().save(state, path)`` / ``.wait()``; ``restore_fn(model, path)``."""
-    size = 16 << 20
+    size = 4 << 20
     with tempfile.TemporaryDirectory() as d:
         state = _state(size)
         want = {k: v.clone() for k, v in state.items()}
@@ -485,7 +486,7 @@ def async_checkpoint(checkpointer_cls, restore_fn):
                      "the changed values" if k in got and torch.equal(got[k], state[k]) else describe(got.get(k)),
                      "copy (snapshot) every tensor before save() returns; write the copy")
         # back to back
-        s1, s2 = _state(1 << 20, 1), _state(1 << 20, 2)
+        s1, s2 = _state(1 << 18, 1), _state(1 << 18, 2)
         ck.save(s1, os.path.join(d, "b.ckpt"))
         ck.save(s2, os.path.join(d, "c.ckpt"))
         ck.wait()
@@ -550,7 +551,12 @@ def async_checkpoint(checkpointer_cls, restore_fn):
                       "a ValueError (CheckpointError)", "read it with reliability.load_checkpoint")
     # the stall, measured against a synchronous save of the same state
     with tempfile.TemporaryDirectory() as d:
-        sync = min(storage.checkpoint_stall("torch.save", _state(size), d)[0] for _ in range(2))
+        sync = storage.checkpoint_stall("torch.save", _state(size), d)[0]
+        again, fresh = checkpointer_cls(), _state(size)
+        t0 = time.perf_counter()
+        again.save(fresh, os.path.join(d, "again.ckpt"))
+        stall = min(stall, time.perf_counter() - t0)
+        again.wait()
     if stall > 0.8 * sync:
         measurement_warning(f"stall of save() on {size >> 20} MiB", f"well under a synchronous "
                             f"torch.save + fsync ({sync * 1e3:.1f} ms here)", f"{stall * 1e3:.1f} ms",
