@@ -91,3 +91,28 @@ def test_the_roofline_measured_on_the_gpu_is_under_its_datasheet():
 def test_the_cache_sweep_on_the_gpu_shows_l2_above_hbm():
     small, large = bench.cache_sweep([8 * 2**20, 2 * 2**30], device=CUDA)
     assert small[1] > large[1], (small, large)
+
+
+def test_a_cuda_graph_replays_what_eager_computes():
+    # chapter 21: one launch replays the captured kernels, on new inputs copied in
+    from utils import compilation
+
+    chain = lambda t: compilation.op_chain(t, 100)
+    x = torch.randn(64, device=CUDA)
+    replay = compilation.cuda_graph(chain, x)
+    for _ in range(3):
+        x = torch.randn(64, device=CUDA)
+        assert torch.equal(replay(x), chain(x))
+    model = tiny.load("tiny-target", device=CUDA)
+    forward = compilation.CausalForward(model)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.config.vocab, (2, 32), generator=g).to(CUDA)
+    with torch.no_grad():
+        replay = compilation.cuda_graph(forward, tokens)
+        for _ in range(2):
+            tokens = torch.randint(0, model.config.vocab, (2, 32), generator=g).to(CUDA)
+            torch.testing.assert_close(replay(tokens), forward(tokens), rtol=1e-5, atol=1e-5)
+    eager = compilation.per_op_seconds(chain, x, 100)
+    graphed = compilation.per_op_seconds(compilation.cuda_graph(chain, x), x, 100)
+    print(f"\n{torch.cuda.get_device_name(0)}: eager {eager * 1e6:.2f} µs per kernel, "
+          f"CUDA graph {graphed * 1e6:.2f} µs per kernel")
