@@ -46,7 +46,7 @@ from . import quant, tiny
 from . import validate as _v
 
 __all__ = [
-    "CALIBRATION_FACTS", "TORCH_COMPILE_MODES", "TORCH_COMPILE_MODES_SOURCE",
+    "CALIBRATION_FACTS", "TORCH_COMPILE_MODES", "TORCH_COMPILE_MODES_SOURCE", "INDUCTOR_SPEEDUP", "LEAF_FUNCTIONS",
     "CausalForward", "trace_tiny", "count_ops", "matmul_count", "fuse_sibling_linears",
     "sdpa_attention", "fuse_attention", "fold_constants",
     "Autotuner",
@@ -89,6 +89,13 @@ TORCH_COMPILE_MODES = MappingProxyType({
     "max-autotune": "Triton or template matmuls (Triton convolutions on GPU), the best "
                     "configuration picked by profiling; CUDA graphs on by default on GPU",
     "max-autotune-no-cudagraphs": "max-autotune without CUDA graphs",
+})
+#: TorchInductor's published speedup over eager, with its source.
+INDUCTOR_SPEEDUP = MappingProxyType({
+    "inference": 2.27, "training": 1.41,
+    "source": "Ansel et al., 'PyTorch 2: Faster Machine Learning Through Dynamic Python Bytecode "
+              "Transformation and Graph Compilation', ASPLOS 2024, abstract: geometric mean over "
+              "180+ real-world models on an NVIDIA A100 GPU",
 })
 TORCH_COMPILE_MODES_SOURCE = "torch.compile docstring, PyTorch 2.13: parameters `mode` and `options` (max_autotune)"
 
