@@ -244,7 +244,9 @@ RAIL_SOURCES = {
                       "every server on leaf switch i (a 'rail'), leaves joined by spines",
     "rail_only": "W. Wang, M. Ghobadi, K. Shakeri, Y. Zhang, N. Hasani, 'Rail-only: A Low-Cost "
                  "High-Performance Network for Training LLMs with Trillion Parameters', "
-                 "arXiv:2307.12169 (2023): rails without spines, cross-rail traffic over NVLink",
+                 "arXiv:2307.12169v5 (2023): rails without spines, cross-rail traffic over NVLink; "
+                 "abstract: network cost 38% to 77% lower than a full-bisection GPU cluster, "
+                 "8.2% to 11.2% longer all-to-all completion",
 }
 
 #: The fabric builders :func:`fabric` knows by name.
