@@ -450,3 +450,12 @@ def test_hunt_worker_bypasses_the_link():
                 dist.send(tensor, dst)
         return bandwidth_test(rank, world_size, Plain(), nbytes, reps)
     _fails(check.slow_rank_hunt, "find_slow_rank(matrix) == 3", unpaced, find_slow_rank)
+
+
+def test_hunt_worker_stub_is_not_attempted():
+    from utils.checks import NotAttempted
+
+    def stub(rank, world_size, link, nbytes, reps):
+        raise NotImplementedError("exercise slow_rank_hunt: replace this line with your code")
+    with pytest.raises(NotAttempted, match="stub"):
+        check.slow_rank_hunt(stub, find_slow_rank)

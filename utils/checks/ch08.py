@@ -333,6 +333,24 @@ def _launch_hunt(worker, find, slow, world, nbytes, reps):
     return matrix, find(matrix)
 
 
+def _dry_run(worker):
+    """The worker once, in this process, on a one-rank gloo group: an unfinished stub is
+    reported as "not attempted" (with its name) before four processes are launched."""
+    import torch.distributed as tdist
+
+    own_group = not (tdist.is_available() and tdist.is_initialized())
+    if own_group:
+        tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    try:
+        row = worker(0, 1, netsim.PacedLink(), 1024, 1)
+    finally:
+        if own_group:
+            tdist.destroy_process_group()
+    if not isinstance(row, (list, tuple)) or len(row) != 1:
+        fail("bandwidth_test(0, 1, link, 1024, 1) on a group of one rank", "a list of 1 number "
+             "(its own entry, 0.0)", describe(row), "return one entry per rank of the group")
+
+
 @exercise
 def slow_rank_hunt(worker, find):
     """``worker(rank, world_size, link, nbytes, reps) -> [B/s]`` and ``find(matrix) -> rank | None``."""
@@ -348,6 +366,7 @@ def slow_rank_hunt(worker, find):
                   "find_slow_rank of a 3x2 matrix", "a ValueError: the matrix must be square", "")
     expect_raises(lambda: find([[0.0]]), ValueError, "find_slow_rank of a 1x1 matrix",
                   "a ValueError: two ranks at least", "")
+    _dry_run(worker)
     world, nbytes, reps = 4, 256 << 10, 3
     found, ratios = [], []
     for slow in (3,) if bench.quick() else (1, 3):
