@@ -3,11 +3,13 @@
 The right answers below are written the way the lab asks; each wrong one carries one bug.
 """
 import hashlib
+import importlib
 import io
 import math
 import os
 import random
 import signal
+import tempfile
 
 import numpy as np
 import pytest
@@ -103,7 +105,8 @@ def _set_rng(s, bug=None):
         torch.set_rng_state(s["torch"])
 
 
-def make_worker(bug=None):
+def make_worker(bug=None, save=None, load=None):
+    """The worker of exercise 2; ``save``/``load`` replace the test's own checkpoint functions."""
     def worker(rank, world_size, ckpt_dir, n_steps, every, kill_at):
         torch.manual_seed(0)
         model = make_model()
@@ -116,7 +119,7 @@ def make_worker(bug=None):
         path = os.path.join(ckpt_dir, f"rank{rank}.ckpt")
         step, losses = 0, []
         if os.path.exists(path) and bug != "restart_from_scratch":
-            s = load_checkpoint(path)
+            s = (load or load_checkpoint)(path)
             model.load_state_dict(s["model"])
             if bug != "no_optimizer":
                 opt.load_state_dict(s["optimizer"])
@@ -141,8 +144,9 @@ def make_worker(bug=None):
             losses.append((t / world_size).item())
             step += 1
             if step % every == 0:
-                save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                       "rng": _rng(), "step": step, "losses": list(losses)})
+                (save or save_checkpoint)(path, {"model": model.state_dict(),
+                                                 "optimizer": opt.state_dict(), "rng": _rng(),
+                                                 "step": step, "losses": list(losses)})
         return {"losses": losses, "resumed_from": resumed_from}
     return worker
 
@@ -158,7 +162,132 @@ def test_kill_and_resume_bugs(bug):
         check.kill_and_resume(make_worker(bug))
 
 
+def test_kill_and_resume_refuses_a_worker_that_uses_the_library():
+    with pytest.raises(LibraryAnswer, match="utils.reliability"):
+        check.kill_and_resume(make_worker(save=rel.save_checkpoint, load=rel.load_checkpoint))
+
+
+def test_kill_and_resume_refuses_a_worker_that_imports_the_library():
+    base = make_worker()
+
+    def worker(rank, world_size, ckpt_dir, n_steps, every, kill_at):
+        from utils.reliability import rng_state   # noqa: F401  (the reference's RNG capture)
+        return base(rank, world_size, ckpt_dir, n_steps, every, kill_at)
+
+    with pytest.raises(LibraryAnswer, match="utils.reliability"):
+        check.kill_and_resume(worker)
+
+
+def test_kill_and_resume_takes_the_library_when_allowed(library_answers_allowed):
+    check.kill_and_resume(make_worker(save=rel.save_checkpoint, load=rel.load_checkpoint))
+
+
 # ----------------------------------------------------------------------------- exercise 3
+# Each run below starts the real torchrun (several seconds): the bugs are the entry's own
+# (crash on every attempt, never crash) and one of the worker's, seen only after a restart.
+def make_entry(bug=None, worker=None):
+    worker = worker or make_worker()
+
+    def torchrun_entry(ckpt_dir, n_steps, every, crash_at):
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              world_size, is_master=False)
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt{attempt}", store),
+                                rank=rank, world_size=world_size)
+        kill_at = crash_at if attempt == 0 or bug == "crash_every_attempt" else -1
+        if bug == "never_crash":
+            kill_at = -1
+        try:
+            result = worker(rank, world_size, ckpt_dir, n_steps, every, kill_at)
+        finally:
+            dist.destroy_process_group()
+        return None if bug == "no_return" else result
+    return torchrun_entry
+
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT")
+
+
+@pytest.fixture
+def torchrun_folders(monkeypatch):
+    """The folders the checker's torchrun runs use (each process's command line names one)."""
+    made, mkdtemp = [], tempfile.mkdtemp
+
+    def recording(*args, **kwargs):
+        made.append(mkdtemp(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(check.tempfile, "mkdtemp", recording)
+    return made
+
+
+def _left_behind(folders):
+    return [pid for d in folders for pid in check._pids_running(d)]
+
+
+def test_torchrun_restart_passes(capsys, torchrun_folders):
+    env = {k: os.environ.get(k) for k in TORCHRUN_ENV}
+    check.torchrun_restart(make_entry(), make_worker())
+    assert "restarted both ranks once" in capsys.readouterr().out
+    assert {k: os.environ.get(k) for k in TORCHRUN_ENV} == env    # the dry run put them back
+    assert not dist.is_initialized()
+    assert any("lab15-torchrun-" in d for d in torchrun_folders)
+    assert _left_behind(torchrun_folders) == []
+    assert not any(os.path.exists(d) for d in torchrun_folders if "lab15-" in d)
+
+
+@pytest.mark.parametrize("bug, message", [("crash_every_attempt", "exit status"),
+                                          ("never_crash", "restarts"),
+                                          ("no_torch_rng", "loss at step 10")])
+def test_torchrun_restart_bugs(bug, message, torchrun_folders):
+    worker = make_worker("no_torch_rng" if bug == "no_torch_rng" else None)
+    with pytest.raises(ExerciseFailed, match=message):
+        check.torchrun_restart(make_entry(bug, worker), worker)
+    assert _left_behind(torchrun_folders) == []
+
+
+def test_torchrun_restart_entry_must_return_the_result():
+    # caught by the dry run in this process, before torchrun starts
+    with pytest.raises(ExerciseFailed, match="train_worker"):
+        check.torchrun_restart(make_entry("no_return"), make_worker())
+
+
+def test_torchrun_restart_names_an_unfinished_stub():
+    def torchrun_entry(ckpt_dir, n_steps, every, crash_at):
+        raise NotImplementedError("exercise torchrun_restart: replace this line with your code")
+
+    def train_worker(rank, world_size, ckpt_dir, n_steps, every, kill_at):
+        raise NotImplementedError("exercise kill_and_resume: replace this line with your code")
+
+    with pytest.raises(NotAttempted, match="torchrun_entry"):
+        check.torchrun_restart(torchrun_entry, make_worker())
+    with pytest.raises(NotAttempted, match="kill_and_resume"):
+        check.torchrun_restart(make_entry(worker=train_worker), train_worker)
+    assert "RANK" not in os.environ and not dist.is_initialized()
+
+
+def test_torchrun_restart_refuses_the_library_inside_the_entry():
+    worker = make_worker(save=rel.save_checkpoint, load=rel.load_checkpoint)
+    with pytest.raises(LibraryAnswer, match="utils.reliability"):
+        check.torchrun_restart(make_entry(worker=worker), make_worker())
+    with pytest.raises(LibraryAnswer, match="utils.reliability"):
+        check.torchrun_restart(make_entry(), worker)
+
+
+def test_torchrun_restart_refuses_the_library_imported_in_the_torchrun_processes():
+    # a name the static scan cannot read: the torchrun processes report what they imported
+    base = make_worker()
+
+    def worker(rank, world_size, ckpt_dir, n_steps, every, kill_at):
+        importlib.import_module(".".join(["utils", "reliability"]))
+        return base(rank, world_size, ckpt_dir, n_steps, every, kill_at)
+
+    with pytest.raises(LibraryAnswer, match="imported utils.reliability"):
+        check.torchrun_restart(make_entry(worker=worker), make_worker())
+
+
+# ----------------------------------------------------------------------------- exercise 4
 def job_time(work_s, interval_s, checkpoint_s, restart_s, failures, bug=None):
     for name, v in [("work_s", work_s), ("interval_s", interval_s)]:
         if not (math.isfinite(v) and v > 0):
@@ -200,7 +329,7 @@ def test_job_time_refuses_library():
         check.job_time(econ.spot_job_time)
 
 
-# ----------------------------------------------------------------------------- exercise 4
+# ----------------------------------------------------------------------------- exercise 5
 def find_stragglers(step_times, bug=None):
     t = torch.as_tensor(step_times, dtype=torch.float64)
     if t.ndim != 2:
@@ -229,7 +358,7 @@ def test_find_stragglers_refuses_library():
         check.find_stragglers(rel.find_stragglers)
 
 
-# ----------------------------------------------------------------------------- exercise 5
+# ----------------------------------------------------------------------------- exercise 6
 def census_check(rows, total, bug=None):
     if not isinstance(total, int) or total < 1:
         raise ValueError("total must be an int >= 1")

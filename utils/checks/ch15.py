@@ -1,18 +1,34 @@
 """Checkers for lab 15, fault tolerance.
 
 The oracles: files cut off, flipped and forged here, for the checkpoint format; the learner's
-own uninterrupted run, for kill-and-resume (losses must match bit for bit);
-:func:`utils.economics.spot_job_time`, for the job timeline; step times simulated here with a
-known slow rank and known noise, for the straggler detector; 100 * count / total recomputed
-here, for the census.
+own uninterrupted run, for kill-and-resume (losses must match bit for bit), both under the
+course launcher and under the real ``torchrun --max-restarts=1`` (a subprocess with a
+timeout); :func:`utils.economics.spot_job_time`, for the job timeline; step times simulated
+here with a known slow rank and known noise, for the straggler detector; 100 * count / total
+recomputed here, for the census.
+
+A worker that is run in other processes carries the functions it calls with it; those are
+the learner's too. :func:`_refuse_library_inside` walks them and refuses a worker that uses
+``utils.reliability`` (the course's checkpoint and RNG code) anywhere inside; under torchrun
+each process also reports whether ``utils.reliability`` was imported at all.
 """
 from __future__ import annotations
 
+import inspect
+import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
 import tempfile
+import time
+import types
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -20,7 +36,8 @@ import torch.distributed as dist
 from .. import dist as udist
 from .. import economics as econ
 from .. import reliability as rel
-from . import exercise, expect_close, expect_equal, expect_raises, expect_type, fail
+from . import (LibraryAnswer, exercise, expect_close, expect_equal, expect_raises, expect_type,
+               fail)
 
 
 # ----------------------------------------------------------------------------- exercise 1
@@ -85,6 +102,118 @@ def checkpoint_io(save, load):
     return "round trip bit-identical, atomic overwrite, 6 damaged or foreign files refused"
 
 
+# ------------------------------------------------------------------ the library inside a worker
+_UTILS_DIR = Path(rel.__file__).resolve().parent
+_OTHER_DIRS = tuple(sorted({str(Path(p).resolve()) for key, p in sysconfig.get_paths().items()
+                            if key in ("stdlib", "platstdlib", "purelib", "platlib")},
+                           key=len, reverse=True))
+# the course's checkpoint and RNG code: utils.reliability, and utils.storage that wraps it
+_REFERENCE_MODULES = ("utils.reliability", "utils.storage")
+
+
+def _where(obj):
+    """'library' (utils/), 'other' (stdlib, site-packages, builtins) or 'learner'."""
+    code = getattr(obj, "__code__", None)
+    filename = code.co_filename if code is not None else getattr(
+        sys.modules.get(getattr(obj, "__module__", None) or ""), "__file__", None)
+    if not filename:
+        return "other"
+    path = str(Path(filename).resolve()) if not filename.startswith("<") else filename
+    if path.startswith(str(_UTILS_DIR) + os.sep):
+        return "library"
+    if path.startswith(_OTHER_DIRS) or filename.startswith("<frozen"):
+        return "other"
+    return "learner"
+
+
+def _plain_function(obj):
+    for _ in range(8):
+        if isinstance(obj, (staticmethod, classmethod, types.MethodType)):
+            obj = obj.__func__
+        elif hasattr(obj, "func") and hasattr(obj, "args") and hasattr(obj, "keywords"):
+            obj = obj.func                                      # functools.partial
+        elif hasattr(obj, "__wrapped__") and not inspect.isclass(obj):
+            obj = obj.__wrapped__
+        else:
+            break
+    return obj if isinstance(obj, types.FunctionType) else None
+
+
+def _learner_functions(fn):
+    """The learner's functions that ``fn`` runs: itself and, transitively, every learner
+    function or class method it refers to through its globals or closure. Returns
+    ``(functions, uses)``: ``uses`` lists ``(function name, what)`` for each reference to the
+    course's checkpoint and RNG code (:data:`_REFERENCE_MODULES`)."""
+    seen, order, uses, todo = set(), [], [], [fn]
+    while todo:
+        f = _plain_function(todo.pop())
+        if f is None or id(f) in seen or _where(f) != "learner":
+            continue
+        seen.add(id(f))
+        order.append(f)
+        names, strings, codes = set(), set(), [f.__code__]
+        while codes:
+            code = codes.pop()
+            names.update(code.co_names)
+            for c in code.co_consts:
+                if inspect.iscode(c):
+                    codes.append(c)
+                elif isinstance(c, str):
+                    strings.add(c)
+        who = getattr(f, "__qualname__", f.__name__)
+        for text in names | strings:
+            if any(m in text for m in _REFERENCE_MODULES):
+                uses.append((who, text))
+        if {"utils", "reliability"} <= names:                # from utils import reliability
+            uses.append((who, "utils.reliability"))
+        values = [f.__globals__[n] for n in sorted(names) if n in f.__globals__]
+        for cell in f.__closure__ or ():
+            try:
+                values.append(cell.cell_contents)
+            except ValueError:
+                pass
+        for value in values:
+            if inspect.ismodule(value):
+                if value.__name__ in _REFERENCE_MODULES:
+                    attrs = sorted(n for n in names if callable(getattr(value, n, None)))
+                    uses.append((who, f"{value.__name__}.{attrs[0]}" if attrs else value.__name__))
+                continue
+            inner = _plain_function(value)
+            target = inner if inner is not None else value
+            module = getattr(target, "__module__", None) or ""
+            if (inspect.isclass(target) or inner is not None) and module in _REFERENCE_MODULES:
+                uses.append((who, f"{module}.{getattr(target, '__qualname__', '?')}"))
+            elif inner is not None:
+                todo.append(inner)
+            elif inspect.isclass(value) and _where(value) == "learner":
+                todo.extend(vars(value).values())
+    return order, uses
+
+
+def _library_allowed():
+    # the framework's switch (allow_library_answers), read from the copy this module uses
+    return bool(exercise.__globals__.get("_ALLOW_LIBRARY", False))
+
+
+def _refuse(what, reference):
+    raise LibraryAnswer(
+        what, "your own save_checkpoint, load_checkpoint and RNG capture (exercises "
+              "checkpoint_io and kill_and_resume)",
+        f"{reference}, the course's reference (defined in the course library `utils`)",
+        "the exercise asks for your own code: call the functions you wrote above, not "
+        "utils.reliability")
+
+
+def _refuse_library_inside(worker, name):
+    """LibraryAnswer when ``worker`` or a learner function it calls uses utils.reliability."""
+    if _library_allowed():
+        return
+    _, uses = _learner_functions(worker)
+    if uses:
+        who, reference = uses[0]
+        _refuse(f"{name} uses {reference} (in {who})", reference)
+
+
 # ----------------------------------------------------------------------------- exercise 2
 def _losses_of(result, what):
     expect_type(result, list, what)
@@ -121,6 +250,7 @@ def _dry_run(worker):
 def kill_and_resume(worker, n_steps=24, every=5, kill_at=13):
     """``worker(rank, world_size, ckpt_dir, n_steps, every, kill_at)`` run with
     :func:`utils.dist.launch`: killed by SIGKILL at ``kill_at``, resumed, losses bit-identical."""
+    _refuse_library_inside(worker, "train_worker")
     _dry_run(worker)
     d = tempfile.mkdtemp(prefix="lab15-")
     try:
@@ -175,6 +305,299 @@ def kill_and_resume(worker, n_steps=24, every=5, kill_at=13):
 
 
 # ----------------------------------------------------------------------------- exercise 3
+#: What torchrun runs in every process: it loads the learner's entry function, saved by value
+#: with cloudpickle (its code and the functions it calls), and calls it. The marker file is
+#: written before the entry runs, so every start of every attempt leaves one.
+TORCHRUN_SCRIPT = '''\
+"""Lab 15: call the function saved in PAYLOAD in this torchrun process."""
+import json, os, sys, time
+
+import cloudpickle
+
+payload, out_dir, ckpt_dir, n_steps, every, crash_at = sys.argv[1:]
+rank, attempt = int(os.environ["RANK"]), int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+open(os.path.join(out_dir, f"start-attempt{attempt}-rank{rank}"), "w").close()
+if attempt > 0 and rank == 1:
+    time.sleep(1.5)   # restarted processes come up at different times, as on a cluster
+with open(payload, "rb") as f:
+    entry = cloudpickle.load(f)
+result = entry(ckpt_dir, int(n_steps), int(every), int(crash_at))
+with open(os.path.join(out_dir, f"result-rank{rank}.json"), "w") as f:
+    json.dump({"attempt": attempt, "result": result,
+               "imported_reliability": "utils.reliability" in sys.modules}, f, default=repr)
+'''
+
+_TRAP_HINT = ("the agent's store outlives a restart with the dead attempt's gloo addresses in "
+              "it: join through dist.TCPStore(MASTER_ADDR, MASTER_PORT, world_size, "
+              "is_master=False) wrapped in dist.PrefixStore(f\"attempt{TORCHELASTIC_RESTART_COUNT}\""
+              ", store), and pass kill_at = crash_at on attempt 0 only (-1 afterwards)")
+
+
+def _torchrun_env_dry_run(entry):
+    """Call ``entry`` once in this process as torchrun's only process (world size 1, a store
+    hosted here, 2 steps), so that an unfinished stub -- the entry's, the worker's or the
+    checkpoint functions' -- is reported as "not attempted" with its name before torchrun
+    starts, and a wrong return value is caught in a second, not in twenty. The environment,
+    the process group and the RNG states are put back afterwards."""
+    if dist.is_available() and dist.is_initialized():
+        return                                  # a group of this process is in use: skip
+    saved_rng = rel.rng_state()
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    env = {"RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+           "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "1",
+           "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    d = tempfile.mkdtemp(prefix="lab15-dry-")
+    try:
+        got = entry(d, 2, 1, -1)
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        shutil.rmtree(d, ignore_errors=True)
+        rel.set_rng_state(saved_rng)
+        del store
+    _check_result(got, "torchrun_entry(ckpt_dir, 2, 1, -1) as the only process (RANK=0, "
+                       "WORLD_SIZE=1)", 2, 0)
+
+
+def _check_result(result, what, n_steps, resumed_from):
+    if not isinstance(result, dict) or not {"losses", "resumed_from"} <= set(result):
+        fail(what, "what train_worker returned: {'losses': [...], 'resumed_from': s0}",
+             repr(result)[:200], "return the value of train_worker(...)")
+    losses = result["losses"]
+    if not isinstance(losses, list) or len(losses) != n_steps or \
+            not all(isinstance(v, float) for v in losses):
+        fail(f"losses returned by {what}", f"a list of {n_steps} Python floats",
+             repr(losses)[:200])
+    expect_equal(result["resumed_from"], resumed_from, f"resumed_from returned by {what}",
+                 hint="resume from the last complete checkpoint (saved after step s means "
+                      "steps 0..s-1 are done and resumed_from = s)")
+
+
+def _torchrun_cmd():
+    exe = Path(sys.executable).parent / ("torchrun.exe" if os.name == "nt" else "torchrun")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _pids_running(tag):
+    """Processes (other than this one) whose command line contains ``tag``."""
+    found = []
+    if os.path.isdir("/proc"):
+        for p in os.listdir("/proc"):
+            if not p.isdigit() or int(p) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    if tag.encode() in f.read():
+                        found.append(int(p))
+            except OSError:
+                pass
+        return found
+    try:
+        out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return found
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if pid.isdigit() and int(pid) != os.getpid() and tag in args:
+            found.append(int(pid))
+    return found
+
+
+def _kill(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+class _Run:
+    """One ``torchrun --max-restarts=1`` of the entry, in its own folder under ``root``."""
+
+    def __init__(self, root, name, payload, script, n_steps, every, crash_at):
+        self.folder = os.path.join(root, name)
+        self.out, self.ckpt = os.path.join(self.folder, "out"), os.path.join(self.folder, "ckpt")
+        os.makedirs(self.out)
+        os.makedirs(self.ckpt)
+        self.crash_at = crash_at
+        self.cmd = _torchrun_cmd() + ["--standalone", "--nnodes=1", "--nproc-per-node=2",
+                                      "--max-restarts=1", script, payload, self.out, self.ckpt,
+                                      str(n_steps), str(every), str(crash_at)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        for k in [k for k in env if k.startswith("TORCHELASTIC_") or k in
+                  ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")]:
+            del env[k]
+        self.log_path = os.path.join(self.folder, "torchrun.log")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env, cwd=self.folder,
+                                     start_new_session=True)
+        self.timed_out = False
+
+    def wait(self, deadline):
+        try:
+            self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.timed_out = True
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)   # the agent stops its workers
+                self.proc.wait(timeout=15)
+            except (OSError, subprocess.TimeoutExpired):
+                _kill([self.proc.pid])
+                self.proc.wait()
+        self.close()
+        with open(self.log_path, "rb") as f:
+            self.log = f.read().decode("utf-8", "replace")
+        self.returncode = self.proc.returncode
+        self.starts = sorted(tuple(int(x) for x in m.groups()) for m in
+                             (re.fullmatch(r"start-attempt(\d+)-rank(\d+)", n)
+                              for n in os.listdir(self.out)) if m)
+        self.results = {}
+        for r in (0, 1):
+            path = os.path.join(self.out, f"result-rank{r}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    self.results[r] = json.load(f)
+
+    def close(self):
+        if not self._log.closed:
+            self._log.close()
+
+    def tail(self, n=14):
+        keep = [line for line in self.log.splitlines()
+                if line.strip() and "OMP_NUM_THREADS" not in line and set(line.strip()) != {"*"}]
+        return "\n".join(keep[-n:]) or "(no output)"
+
+
+def _expect_finished(run, what, hint):
+    if run.timed_out:
+        fail(what, "torchrun exits with status 0",
+             f"no exit within the time limit (stopped; processes started: attempts and ranks "
+             f"{run.starts}); torchrun's last lines:\n{run.tail()}", hint)
+    if run.returncode != 0:
+        fail(what, "torchrun exits with status 0",
+             f"exit status {run.returncode} (processes started: attempts and ranks "
+             f"{run.starts}); torchrun's last lines:\n{run.tail()}", hint)
+
+
+@exercise
+def torchrun_restart(entry, worker, n_steps=16, every=5, crash_at=12, timeout=180.0):
+    """``entry(ckpt_dir, n_steps, every, crash_at)``, run by the real ``torchrun
+    --nproc-per-node=2 --max-restarts=1`` with rank 1 killed at ``crash_at`` on the first
+    attempt: exactly one restart, the resume from the last checkpoint, the losses of an
+    uninterrupted run of ``worker`` (the entry's train_worker, under :func:`utils.dist.launch`)
+    bit for bit, and no process left behind."""
+    import cloudpickle
+    import cloudpickle.cloudpickle
+
+    _refuse_library_inside(entry, "torchrun_entry")
+    _refuse_library_inside(worker, "train_worker")
+    _torchrun_env_dry_run(entry)
+    root = tempfile.mkdtemp(prefix="lab15-torchrun-")
+    runs = []
+    try:
+        script = os.path.join(root, "lab15_torchrun.py")
+        with open(script, "w") as f:
+            f.write(TORCHRUN_SCRIPT)
+        # the entry travels by value: its code and the learner's functions it calls. Functions
+        # of an importable module (a learner's own file) are sent by value too, so that the
+        # torchrun processes need nothing but this file.
+        functions, _ = _learner_functions(entry)
+        modules = {f.__module__ for f in functions} - {"__main__", None}
+        modules = [sys.modules[m] for m in sorted(modules) if m in sys.modules]
+        registered = set(cloudpickle.cloudpickle.list_registry_pickle_by_value())
+        added = [m for m in modules if m.__name__ not in registered]
+        for m in added:
+            cloudpickle.register_pickle_by_value(m)
+        try:
+            payload = os.path.join(root, "entry.pkl")
+            with open(payload, "wb") as f:
+                cloudpickle.dump(entry, f)
+        finally:
+            for m in added:
+                cloudpickle.unregister_pickle_by_value(m)
+        deadline = time.monotonic() + timeout
+        crashed = _Run(root, "crashed", payload, script, n_steps, every, crash_at)
+        runs.append(crashed)
+        # while torchrun starts (most of its time is processes importing torch): the
+        # uninterrupted reference, the same worker under the course launcher
+        clean_dir = os.path.join(root, "clean")
+        os.makedirs(clean_dir)
+        what = f"launch(train_worker, 2, ckpt_dir, {n_steps}, {every}, -1) (uninterrupted)"
+        clean = _losses_of(udist.launch(worker, 2, clean_dir, n_steps, every, -1,
+                                        timeout=max(10.0, deadline - time.monotonic())), what)
+        for r in (0, 1):
+            _check_result(clean[r], f"rank {r} of {what}", n_steps, 0)
+        ref = clean[0]["losses"]
+        if clean[1]["losses"] != ref:
+            fail(f"losses of rank 1 vs rank 0 ({what})", "the same (all-reduced) losses",
+                 "different losses", "all-reduce the loss before recording it")
+        crashed.wait(deadline)
+        left = _pids_running(root)
+        _kill(left)
+        if not _library_allowed() and any(r.get("imported_reliability")
+                                          for r in crashed.results.values()):
+            _refuse("torchrun_entry imported utils.reliability in the torchrun processes",
+                    "utils.reliability")
+
+        what = f"torchrun of your entry with crash_at={crash_at}"
+        if crashed.starts == [(0, 0), (0, 1)] and not crashed.timed_out \
+                and crashed.returncode == 0:
+            fail(f"restarts in the {what}", "exactly one: rank 1 killed at step crash_at on "
+                 "attempt 0, both ranks started again as attempt 1",
+                 "none: the run finished on its first attempt",
+                 "on attempt 0 (TORCHELASTIC_RESTART_COUNT=0) pass kill_at=crash_at to "
+                 "train_worker, which kills rank 1 with SIGKILL at that step")
+        _expect_finished(crashed, what, _TRAP_HINT)
+        expect_equal(crashed.starts, [(0, 0), (0, 1), (1, 0), (1, 1)],
+                     f"(attempt, rank) of the processes started by torchrun in the {what}",
+                     hint="exactly one restart: a crash on attempt 0 only")
+        start = (crash_at // every) * every
+        for r in (0, 1):
+            if r not in crashed.results:
+                fail(what, f"rank {r} returns train_worker's result", "no result from it")
+            expect_equal(crashed.results[r]["attempt"], 1, f"the attempt on which rank {r} "
+                         f"finished ({what})")
+            _check_result(crashed.results[r]["result"], f"rank {r} ({what})", n_steps, start)
+            got = crashed.results[r]["result"]["losses"]
+            for i, (a, b) in enumerate(zip(got, ref)):
+                if a != b:
+                    fail(f"loss at step {i} of rank {r} after the restart", f"{b!r} (the "
+                         "uninterrupted run, bit for bit)", repr(a),
+                         "restore the model, the optimizer, every RNG and the step from the "
+                         "checkpoint: the worker of kill_and_resume does, unchanged")
+        if left:
+            fail("processes after torchrun exited", "none left behind",
+                 f"{len(left)} still running (killed now)",
+                 "do not start processes of your own in the entry; leave the process group "
+                 "with dist.destroy_process_group() and return")
+    finally:
+        for run in runs:
+            run.close()
+            if run.proc.poll() is None:
+                try:
+                    os.killpg(run.proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                run.proc.wait()
+        _kill(_pids_running(root))
+        shutil.rmtree(root, ignore_errors=True)
+    return (f"torchrun restarted both ranks once after rank 1 died at step {crash_at} of "
+            f"attempt 0; "
+            f"they resumed from step {start}, {n_steps} losses bit-identical to the "
+            "uninterrupted run; no process left behind")
+
+
+# ----------------------------------------------------------------------------- exercise 4
 @exercise
 def job_time(fn):
     """``fn(work_s, interval_s, checkpoint_s, restart_s, failures)`` -> wall seconds."""
@@ -208,7 +631,7 @@ def job_time(fn):
     return f"{len(cases)} timelines match; bad costs refused"
 
 
-# ----------------------------------------------------------------------------- exercise 4
+# ----------------------------------------------------------------------------- exercise 5
 def _noisy(steps, ranks, slow, factor, seed):
     g = random.Random(seed)
     rows = []
@@ -253,7 +676,7 @@ def find_stragglers(fn):
     return f"{len(cases)} simulated runs: slowed ranks flagged, no false alarm on noise"
 
 
-# ----------------------------------------------------------------------------- exercise 5
+# ----------------------------------------------------------------------------- exercise 6
 @exercise
 def census_check(fn):
     """``fn(rows, total)`` -> names whose printed share does not match count / total."""
