@@ -356,3 +356,23 @@ def test_checkpoint_stall_bad_input(tmp_path):
         storage.checkpoint_stall("torch.save", {"w": 1}, tmp_path)
     with pytest.raises(FileNotFoundError, match="folder"):
         storage.checkpoint_stall("torch.save", {"w": torch.ones(1)}, tmp_path / "missing")
+
+
+@pytest.mark.gpu
+def test_async_checkpointer_stages_cuda_tensors_into_pinned_memory(tmp_path):
+    """On a GPU the snapshot is a device-to-host copy into reused, pinned buffers."""
+    state = {"w": torch.arange(1 << 20, dtype=torch.float32, device="cuda"),
+             "b": torch.ones(7, device="cuda", dtype=torch.bfloat16)}
+    ck = storage.AsyncCheckpointer()
+    ck.save(state, tmp_path / "a.ckpt")
+    state["w"].add_(1)                                   # the next step runs on the GPU at once
+    ck.wait()
+    staged = ck._staging
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in staged.values())
+    got = reliability.load_checkpoint(tmp_path / "a.ckpt")
+    assert torch.equal(got["w"], torch.arange(1 << 20, dtype=torch.float32))
+    assert got["b"].dtype == torch.bfloat16
+    ck.save(state, tmp_path / "b.ckpt")
+    ck.wait()
+    assert ck._staging is staged                         # reused: no new allocation
+    assert torch.equal(reliability.load_checkpoint(tmp_path / "b.ckpt")["w"], state["w"].cpu())
