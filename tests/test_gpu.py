@@ -21,17 +21,17 @@ CUDA = torch.device("cuda")
 
 def test_the_course_picks_the_gpu():
     assert utils.device().type == "cuda"
-    assert "cpu" not in bench.device_name().lower()
+    assert "cpu" not in bench.machine_name().lower()
 
 
 def test_tiny_target_on_the_gpu_matches_the_cpu():
     cpu, gpu = tiny.load("tiny-target"), tiny.load("tiny-target", device=CUDA)
-    tokens = torch.tensor([tiny_corpus.encode("the cat sat on the mat. ")])
+    tokens = torch.tensor([tiny.TOKENIZER.encode("the cat sat on the mat. ")])
     with torch.inference_mode():
         logits_cpu = cpu(tokens)
         logits_gpu = gpu(tokens.to(CUDA)).cpu()
     torch.testing.assert_close(logits_gpu, logits_cpu, rtol=1e-3, atol=1e-3)
-    prompt = tiny_corpus.encode("alice has ")
+    prompt = tiny.TOKENIZER.encode("alice has ")
     assert tiny.generate(gpu, prompt, 24) == tiny.generate(cpu, prompt, 24)
 
 
@@ -55,7 +55,7 @@ def test_paged_attention_on_the_gpu_equals_sdpa():
 
 def test_a_paged_cache_on_the_gpu_generates_what_the_contiguous_one_does():
     model = tiny.load("tiny-target", device=CUDA)
-    prompt = tiny_corpus.encode("bob said that ")
+    prompt = tiny.TOKENIZER.encode("bob said that ")
     pool = paged_kv.KVPool(model.config, paged_kv.BlockManager(64, block_size=8), device=CUDA)
     paged = tiny.generate(model, prompt, 40,
                           cache_factory=lambda cfg: paged_kv.PagedKVCache(pool, ["s"]))
