@@ -235,7 +235,9 @@ def test_library_passes_where_signatures_match(capsys, library_answers_allowed):
     check.read_shard(storage.read_shard)
     check.shard_stream(storage.shard_stream)
     check.async_checkpoint(storage.AsyncCheckpointer, storage.restore)
-    assert capsys.readouterr().out.count("passed") == 3
+    check.write_shards(storage.write_shards)
+    check.resumable_stream(storage.ShardStream)
+    assert capsys.readouterr().out.count("passed") == 5
 
 
 @pytest.mark.parametrize("name, args", [
