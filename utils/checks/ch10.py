@@ -382,7 +382,12 @@ def shard_stream(fn):
 # --------------------------------------------------------------------------- exercise 5
 
 def _loader(ds, workers):
-    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+    # Workers are forked where the platform can: a class defined in a notebook cannot be
+    # pickled into a spawned worker (macOS and Windows spawn by default).
+    import multiprocessing as mp
+    ctx = "fork" if workers and "fork" in mp.get_all_start_methods() else None
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
+                                       multiprocessing_context=ctx)
 
 
 @exercise
