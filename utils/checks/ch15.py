@@ -472,10 +472,17 @@ class _Run:
         if not self._log.closed:
             self._log.close()
 
-    def tail(self, n=14):
+    def tail(self, n=8):
+        """The processes' last error lines (what a rank raised, what gloo logged), else the
+        last lines of the output; the agent's own traceback when it was stopped is left out."""
         keep = [line for line in self.log.splitlines()
                 if line.strip() and "OMP_NUM_THREADS" not in line and set(line.strip()) != {"*"}]
-        return "\n".join(keep[-n:]) or "(no output)"
+        errors = [line for line in keep if re.search(r"\w(Error|Exception)\b|\bERROR\b", line)
+                  and "SignalException" not in line and "elastic" not in line
+                  and not line.lstrip().startswith("raise ")]
+        shown = errors[-n:] or keep[-n:]
+        return "\n".join(line if len(line) <= 240 else line[:237] + "..." for line in shown) \
+            or "(no output)"
 
 
 def _expect_finished(run, what, hint):
@@ -490,7 +497,7 @@ def _expect_finished(run, what, hint):
 
 
 @exercise
-def torchrun_restart(entry, worker, n_steps=16, every=5, crash_at=12, timeout=180.0):
+def torchrun_restart(entry, worker, n_steps=16, every=5, crash_at=12, timeout=120.0):
     """``entry(ckpt_dir, n_steps, every, crash_at)``, run by the real ``torchrun
     --nproc-per-node=2 --max-restarts=1`` with rank 1 killed at ``crash_at`` on the first
     attempt: exactly one restart, the resume from the last checkpoint, the losses of an
@@ -592,8 +599,7 @@ def torchrun_restart(entry, worker, n_steps=16, every=5, crash_at=12, timeout=18
         _kill(_pids_running(root))
         shutil.rmtree(root, ignore_errors=True)
     return (f"torchrun restarted both ranks once after rank 1 died at step {crash_at} of "
-            f"attempt 0; "
-            f"they resumed from step {start}, {n_steps} losses bit-identical to the "
+            f"attempt 0; they resumed from step {start}, {n_steps} losses bit-identical to the "
             "uninterrupted run; no process left behind")
 
 
