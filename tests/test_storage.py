@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from utils import memory, reliability, storage
+from utils import reliability, storage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -74,10 +74,7 @@ def _keys(samples):
 
 
 def _list(fn, what):
-    try:
-        out = fn()
-    except (ValueError, TypeError, OSError):
-        raise
+    out = fn()
     if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__iter__"):
         fail(f"{what}: the result", "an iterator (or list) of sample dicts", describe(out),
              "yield one dict per sample")
