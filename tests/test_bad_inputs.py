@@ -48,7 +48,9 @@ MODULES = ("hardware", "models", "roofline", "bench", "memory", "collectives", "
            "tiny", "tiny_corpus", "plots",
            # the chapter modules of Parts I, II, III and IV (01, 02, 05, 06, 15, 20, 22);
            # economics and scheduler (23, 24) have their own sweep, test_bad_inputs_economics.py
-           "tiling", "memtech", "allocator", "topology", "reliability", "quant", "edge")
+           "tiling", "memtech", "allocator", "topology", "reliability", "quant", "edge",
+           # chapters 04, 07, 08 and 21
+           "hostmem", "dgx", "netsim", "compilation")
 
 #: Mutations valid for every argument of this name: any integer seeds a generator.
 ALLOW_BY_NAME = {"seed": {"zero", "neg"}}
@@ -649,6 +651,132 @@ SWEEP.update({
                        allow={"jid": {"zero"}, "submit": {"zero"}, "priority": {"zero", "neg"}}),
     "plots.Roof": E(kw(label="cpu", peak_flops=1e12, bandwidth=1e11),
                     allow={"label": {"name"}}),
+})
+
+# -- chapters 04, 07, 08, 21 ----------------------------------------------------------------
+_DGX_GPUS = [f"GPU{i}" for i in range(8)]
+
+
+def _dgx_graph():
+    return __import__("utils.dgx").dgx.dgx_graph()
+
+
+def _fat4():
+    return __import__("utils.topology").topology.fat_tree(4)
+
+
+def _traced():
+    from utils import compilation
+    return compilation.trace_tiny(_tiny_model())
+
+
+def _hist():
+    from utils import compilation
+    return compilation.abs_histogram(torch.randn(4096, generator=_g()), bins=2048)
+
+
+def _weights_file():
+    return __import__("utils.tiny").tiny.weights_path("tiny-draft")
+
+
+SWEEP.update({
+    # -- hostmem (chapter 04) ---------------------------------------------------------------
+    "hostmem.build_chain": E(kw(n_lines=64, seed=0), allow={"seed": {"zero"}}),
+    "hostmem.chase": E(lambda: dict(chain=__import__("utils.hostmem").hostmem.build_chain(64),
+                                    steps=64)),
+    "hostmem.count_faults": E(lambda: dict(fn=lambda: None)),
+    "hostmem.ddr_bandwidth": E(kw(channels=8, transfers_per_s=4.8e9, bus_bytes=8)),
+    "hostmem.evict": E(lambda: dict(path=_weights_file()),
+                       skip={"path": "a file; a missing one is tested"}),
+    "hostmem.first_use": E(lambda: dict(path=_weights_file(), name="embed.weight", mode="mmap"),
+                           run_base=False, skip={"path": "a file", "name": "a tensor name in it"}),
+    "hostmem.latency_sweep": E(kw(sizes=[1 << 12], steps=1000, repeats=1, seed=0),
+                               run_base=False, allow={"seed": {"zero"}}),
+    "hostmem.loader_model": E(kw(decode_seconds=1e-3, batch_size=8, num_workers=2, cores=2,
+                                 step_seconds=0.01),
+                              allow={"step_seconds": {"zero"}, "num_workers": {"zero"},
+                                     "decode_seconds": {"zero"}}),
+    "hostmem.loader_throughput": E(lambda: dict(make_batches=lambda: [torch.zeros(2)], epochs=1)),
+    "hostmem.measure_numa": E(kw(nbytes=1 << 20, repeats=1), run_base=False,
+                              skip={"root": "a sysfs folder"}),
+    "hostmem.numa_bandwidth": E(kw(remote_fraction=0.5, local=1e11, remote=5e10),
+                                allow={"remote_fraction": {"zero"}}),
+    "hostmem.numa_latency": E(kw(remote_fraction=0.5, local=9e-8, remote=1.4e-7),
+                              allow={"remote_fraction": {"zero"}}),
+    "hostmem.numa_topology": E(kw(), skip={"root": "a sysfs folder; a missing one is tested"}),
+    "hostmem.parse_cpulist": E(kw(text="0-3,8"), allow={"text": {"name"}}),
+    "hostmem.pinned": E(kw(cpus=[0]), run_base=False, allow={"cpus": {"elem_neg"}}),
+    "hostmem.prefetch_loader": E(lambda: dict(dataset=[torch.zeros(2)] * 4, indices=[0, 1, 2, 3],
+                                              batch_size=2, num_workers=0, prefetch_factor=2),
+                                 run_base=False, allow={"num_workers": {"zero"}},
+                                 skip={"collate_fn": "optional callable", "timeout": "seconds"}),
+    # -- dgx (chapter 07) ----------------------------------------------------------------------
+    "dgx.switch": E(kw(name="QM9700")),
+    "dgx.dgx_graph": E(kw(system="DGX-H100", gpus_per_pcie_switch=2)),
+    "dgx.fast_route": E(lambda: dict(graph=_dgx_graph(), src="GPU0", dst="GPU1")),
+    "dgx.link_loads": E(lambda: dict(graph=_dgx_graph(), transfers=[("GPU0", "GPU1", 1e6)])),
+    "dgx.schedule_time": E(lambda: dict(graph=_dgx_graph(), transfers=[("GPU0", "GPU1", 1e6)])),
+    "dgx.ring_transfers": E(kw(order=["GPU0", "GPU1"], nbytes=1e6)),
+    "dgx.ring_busbw": E(lambda: dict(graph=_dgx_graph(), rings=[list(_DGX_GPUS)])),
+    "dgx.double_binary_tree": E(kw(n=8)),
+    "dgx.tree_transfers": E(kw(parents=[None, 0], gpus=["GPU0", "GPU1"], nbytes=1e6)),
+    "dgx.tree_busbw": E(lambda: dict(graph=_dgx_graph(), trees=[[None, 0]], gpus=["GPU0", "GPU1"])),
+    "dgx.power_plan": E(kw(system="DGX-H100", nodes=4, rack_power_w=41e3, pdu_w=17.3e3, pue=1.2,
+                           hours=1.0, load=0.8), allow={"hours": {"zero"}}),
+    "dgx.fabric_size": E(kw(gpus=256, radix=64, gpus_per_node=8, su_nodes=32,
+                            ports_per_transceiver=2)),
+    # -- netsim (chapter 08) -------------------------------------------------------------------
+    "netsim.ecmp_hash": E(kw(src="h0.0.0", dst="h1.0.0", flow=0, seed=0),
+                          allow={"flow": {"zero"}, "seed": {"zero"}, "src": {"name", "type"},
+                                 "dst": {"name", "type"}}),   # a hash of any hashable key
+    "netsim.ecmp_paths": E(lambda: dict(graph=_fat4().graph, src="h0.0.0", dst="h1.0.0")),
+    "netsim.pair_bandwidths": E(lambda: dict(graph=_fat4().graph, pairs=[("h0.0.0", "h1.0.0")],
+                                             nbytes=1e6, flows_per_pair=2, seed=0),
+                                allow={"seed": {"zero"}}),
+    # any dtype sums; outside a launched worker the valid call reports the missing group
+    "netsim.ring_all_reduce": E(lambda: dict(tensor=torch.zeros(4)), run_base=False,
+                                skip={"link": "optional PacedLink"}, allow={"tensor": {"dtype"}}),
+    "netsim.ring_allreduce_time": E(lambda: dict(graph=_fat4().graph,
+                                                 ring=["h0.0.0", "h0.1.0", "h1.0.0", "h1.1.0"],
+                                                 nbytes=1e6, alpha=1e-6, flows_per_pair=1, seed=0),
+                                    allow={"alpha": {"zero"}, "seed": {"zero"}, "nbytes": {"zero"}}),
+    "netsim.simulate_flows": E(kw(capacities={"a": 10.0, "b": 4.0}, paths=[["a"], ["a", "b"]],
+                                  sizes=[5.0, 8.0])),
+    # -- compilation (chapter 21) --------------------------------------------------------------
+    "compilation.abs_histogram": E(lambda: dict(x=torch.randn(64, generator=_g()), bins=2048),
+                                   allow={"x": {"shape"}}),
+    "compilation.calibrate": E(lambda: dict(acts={"l": torch.randn(256, generator=_g())},
+                                            method="percentile", percentile=99.9, bins=2048)),
+    "compilation.count_ops": E(lambda: dict(gm=_traced())),
+    "compilation.cuda_graph": E(lambda: dict(fn=lambda t: t * 2, example=torch.zeros(4),
+                                             warmup=1), run_base=False),
+    # histograms of counts may be integer or float tensors
+    "compilation.entropy_amax": E(lambda: dict(zip(("hist", "edges"), _hist()), levels=128,
+                                               start_bin=128), allow={"hist": {"dtype"}}),
+    "compilation.entropy_divergences": E(lambda: dict(hist=_hist()[0], levels=128, start_bin=128),
+                                         allow={"hist": {"dtype"}}),
+    "compilation.fake_quant": E(lambda: dict(x=_w(), amax=2.0), allow={"x": {"shape"}}),
+    "compilation.fold_constants": E(lambda: dict(gm=_traced())),
+    "compilation.fuse_attention": E(lambda: dict(gm=_traced())),
+    "compilation.fuse_sibling_linears": E(lambda: dict(gm=_traced())),
+    "compilation.linear_inputs": E(lambda: dict(model=_tiny_model(),
+                                                tokens=torch.tensor([[1, 2, 3, 4]]))),
+    "compilation.matmul_count": E(lambda: dict(gm=_traced())),
+    "compilation.max_amax": E(lambda: dict(x=_w()), allow={"x": {"shape"}}),
+    "compilation.op_chain": E(lambda: dict(x=_w(), n=10), allow={"x": {"shape", "dtype"}}),
+    "compilation.per_op_seconds": E(lambda: dict(fn=lambda t: t, x=_w(), n_ops=1, repeats=1,
+                                                 number=1), run_base=False, allow={"x": {"shape", "dtype"}}),
+    "compilation.percentile_amax": E(lambda: dict(zip(("hist", "edges"), _hist()),
+                                                  percentile=99.99), allow={"hist": {"dtype"}}),
+    "compilation.sdpa_attention": E(lambda: dict(q=torch.ones(1, 4, 3, 8), k=torch.ones(1, 2, 3, 8),
+                                                 v=torch.ones(1, 2, 3, 8),
+                                                 mask=tiny.causal_mask(torch.arange(3)[None], 3)),
+                                    allow={"mask": {"shape"}}),
+    "compilation.trace_tiny": E(lambda: dict(model=_tiny_model())),
+    "compilation.w8a8": E(lambda: dict(model=_tiny_model(),
+                                       amax=__import__("utils.compilation").compilation.calibrate(
+                                           __import__("utils.compilation").compilation.linear_inputs(
+                                               _tiny_model(), torch.tensor([[1, 2, 3, 4]])), "max"))),
 })
 
 def _block_tables():

@@ -563,6 +563,8 @@ def w8a8(model: tiny.TinyTransformer, amax: Mapping[str, float]) -> tiny.TinyTra
     :func:`linear_inputs` returns them."""
     if not isinstance(model, tiny.TinyTransformer):
         raise TypeError(f"model must be a utils.tiny.TinyTransformer, got {type(model).__name__}")
+    if not isinstance(amax, Mapping):
+        raise TypeError(f"amax must be a mapping of layer group -> amax, got {type(amax).__name__}")
     groups = _linear_groups(model)
     missing = [k for k in groups if k not in amax]
     if missing:
@@ -583,6 +585,8 @@ def w8a8(model: tiny.TinyTransformer, amax: Mapping[str, float]) -> tiny.TinyTra
 def op_chain(x: torch.Tensor, n: int = 100) -> torch.Tensor:
     """``n`` small elementwise ops in a row (``x * 0.5 + 0.25``, alternately): each is a
     separate kernel launch eagerly; a compiler fuses the chain into one."""
+    _v.check_tensor("x", x)
+    n = _v.check_int("n", n, low=1)
     for i in range(n):
         x = x * 0.5 if i % 2 == 0 else x + 0.25
     return x
@@ -596,6 +600,7 @@ def per_op_seconds(fn: Callable, x: torch.Tensor, n_ops: int, repeats: int = 7,
     n_ops = _v.check_int("n_ops", n_ops, low=1)
     repeats = _v.check_int("repeats", repeats, low=1)
     number = _v.check_int("number", number, low=1)
+    _v.check_tensor("x", x)
     fn(x)
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     best = math.inf
@@ -616,9 +621,9 @@ def cuda_graph(fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor
     of) the output. Needs CUDA; ``x`` must have ``example``'s shape and dtype."""
     _v.check_callable("fn", fn)
     _v.check_tensor("example", example)
+    warmup = _v.check_int("warmup", warmup, low=1)
     if not example.is_cuda:
         raise ValueError("cuda_graph needs a CUDA tensor as example (CUDA graphs are a GPU feature)")
-    warmup = _v.check_int("warmup", warmup, low=1)
     static_in = example.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

@@ -281,14 +281,17 @@ def numa_topology(root: str | os.PathLike = NODE_ROOT) -> list[NumaNode]:
     return nodes
 
 
-@contextlib.contextmanager
 def pinned(cpus: Iterable[int]):
     """Run the block on ``cpus`` only (``os.sched_setaffinity``), then restore the mask.
 
     The scheduler will not run this process's threads anywhere else while inside; with
     Linux's default first-touch policy, pages first written here are placed on the node
-    of these CPUs.
+    of these CPUs. The CPUs are checked when ``pinned`` is called, not when entered.
     """
+    return _pinned(_check_cpus(cpus))
+
+
+def _check_cpus(cpus) -> set:
     if not hasattr(os, "sched_setaffinity"):
         raise OSError("os.sched_setaffinity is not available on this system (Linux only)")
     if isinstance(cpus, (str, bytes)) or not isinstance(cpus, Iterable):
@@ -300,6 +303,12 @@ def pinned(cpus: Iterable[int]):
     if not cpus <= allowed:
         raise ValueError(f"cpus {sorted(cpus - allowed)} are not available to this process "
                          f"(allowed: {sorted(allowed)})")
+    return cpus
+
+
+@contextlib.contextmanager
+def _pinned(cpus: set):
+    allowed = os.sched_getaffinity(0)
     os.sched_setaffinity(0, cpus)
     try:
         yield sorted(cpus)
@@ -540,7 +549,10 @@ def prefetch_loader(dataset, indices: Iterable[int], batch_size: int, num_worker
     if collate_fn is None:
         from torch.utils.data import default_collate as collate_fn
     check_callable("collate_fn", collate_fn)
-    return _prefetch(dataset, list(indices), batch_size, num_workers, prefetch_factor,
+    indices = list(indices)
+    for i, ix in enumerate(indices):
+        check_int(f"indices[{i}]", ix, low=0, high=len(dataset) - 1)
+    return _prefetch(dataset, indices, batch_size, num_workers, prefetch_factor,
                      collate_fn, timeout)
 
 
