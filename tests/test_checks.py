@@ -342,3 +342,26 @@ def test_not_attempted_names_the_stub_and_its_exercise():
     msg = str(e.value)
     assert msg.startswith("exercise later: not attempted yet — ")
     assert "`BlockAllocator.allocate` (exercise block_allocator) is still a stub" in msg
+
+
+def test_a_library_answer_found_inside_the_checker_is_reported_as_such(tmp_path, monkeypatch):
+    """A checker that finds the library deeper in the answer (a worker that imports it)
+    raises LibraryAnswer itself: the outcome is "library_answer", not "failed"."""
+    from utils.checks import LibraryAnswer
+
+    report = tmp_path / "outcomes.jsonl"
+    monkeypatch.setenv("COURSE_GRADE_REPORT", str(report))
+
+    @exercise
+    def deep(answer):
+        if answer == "imports utils.reliability":
+            raise LibraryAnswer("the worker imports utils.reliability", "your own code",
+                                "utils.reliability", "write it yourself")
+        raise ExerciseFailed("wrong", "right", "wrong")
+
+    with pytest.raises(LibraryAnswer):
+        deep("imports utils.reliability")
+    with pytest.raises(ExerciseFailed):
+        deep("something else")
+    statuses = [json.loads(line)["status"] for line in report.read_text().splitlines()]
+    assert statuses == ["library_answer", "failed"]

@@ -216,7 +216,9 @@ def _wrap(checker: Callable, name: str) -> Callable:
             detail = checker(*args, **kwargs)
         except ExerciseFailed as err:
             err.exercise = name
-            _record(name, "failed", str(err))
+            # a checker that finds the library deeper inside the answer (a worker that
+            # imports it, a helper that calls it) raises LibraryAnswer itself
+            _record(name, "library_answer" if isinstance(err, LibraryAnswer) else "failed", str(err))
             raise err.with_traceback(None) from None
         except NotImplementedError as err:
             if _origin(err.__traceback__) == "learner":
