@@ -37,7 +37,7 @@ from .. import dist as udist
 from .. import economics as econ
 from .. import reliability as rel
 from . import (LibraryAnswer, exercise, expect_close, expect_equal, expect_raises, expect_type,
-               fail)
+               fail, measurement_warning)
 
 
 # ----------------------------------------------------------------------------- exercise 1
@@ -485,6 +485,12 @@ class _Run:
             or "(no output)"
 
 
+def _aborted(run) -> bool:
+    """True when torchrun failed because a worker died of SIGABRT."""
+    return (not run.timed_out and run.returncode != 0
+            and re.search(r"SIGABRT|exitcode\s*:\s*-6\b", run.log) is not None)
+
+
 def _expect_finished(run, what, hint):
     if run.timed_out:
         fail(what, "torchrun exits with status 0",
@@ -551,6 +557,18 @@ def torchrun_restart(entry, worker, n_steps=16, every=5, crash_at=12, timeout=12
         crashed.wait(deadline)
         left = _pids_running(root)
         _kill(left)
+        if _aborted(crashed) and time.monotonic() < deadline - 20:
+            # a process killed by SIGABRT (not the planted SIGKILL) with a finished, correct
+            # first attempt is the machine's doing (gloo under heavy load), not the learner's:
+            # run once more, and report the retry beside the result
+            measurement_warning("the torchrun run", "every process exits normally or by the "
+                                "planted SIGKILL", "a process aborted (SIGABRT); ran once more",
+                                "gloo aborting on a heavily loaded machine")
+            crashed = _Run(root, "crashed-again", payload, script, n_steps, every, crash_at)
+            runs.append(crashed)
+            crashed.wait(deadline)
+            left = _pids_running(root)
+            _kill(left)
         if not _library_allowed() and any(r.get("imported_reliability")
                                           for r in crashed.results.values()):
             _refuse("torchrun_entry imported utils.reliability in the torchrun processes",
