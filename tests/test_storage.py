@@ -389,3 +389,54 @@ def test_async_checkpointer_stages_cuda_tensors_into_pinned_memory(tmp_path):
     ck.wait()
     assert ck._staging is staged                         # reused: no new allocation
     assert torch.equal(reliability.load_checkpoint(tmp_path / "b.ckpt")["w"], state["w"].cpu())
+
+
+# ------------------------------------------------------------------ the course's bad-input sweep
+def _sweep_entries(tmp):
+    """Entries in the format of tests/test_bad_inputs.py's SWEEP, for every public function."""
+    import test_bad_inputs as bad
+    E, kw = bad.E, bad.kw
+    shard = storage.write_shards(samples(3), tmp, 3, prefix="sweep")[0]
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    ckpt = os.path.join(tmp, "net.ckpt")
+    reliability.save_checkpoint(ckpt, net.state_dict())
+    path = {"path": "a file path: a missing file raises FileNotFoundError (tested above)"}
+    zero_ok = {"zero"}
+    return {
+        "storage.nvme_link_ceiling": E(kw(gen=4)),
+        "storage.checkpoint_bytes": E(kw(model_or_params=1000, weight_bytes=2, master_weights=True,
+                                         optimizer="adamw")),
+        "storage.write_seconds": E(kw(nbytes=1e9, bandwidth=1e9), allow={"nbytes": zero_ok}),
+        "storage.write_shards": E(lambda: dict(samples=[{"__key__": "a", "txt": b"1"}], folder=tmp,
+                                               samples_per_shard=1, prefix="shard"),
+                                  allow={"prefix": {"name"}},
+                                  skip={"folder": "a folder path: a missing one raises FileNotFoundError"}),
+        "storage.read_shard": E(lambda: dict(path=shard), skip=path),
+        "storage.shard_stream": E(lambda: dict(shards=[shard], rank=0, world_size=1, worker=0,
+                                               num_workers=1, seed=0, epoch=0, shuffle=True,
+                                               buffer_size=0, skip=0),
+                                  allow={"rank": zero_ok, "worker": zero_ok, "epoch": zero_ok,
+                                         "buffer_size": zero_ok, "skip": zero_ok}),
+        "storage.drop_cache": E(lambda: dict(path=shard, sync=True), skip=path),
+        "storage.resident_fraction": E(lambda: dict(path=shard), skip=path),
+        "storage.read_seconds": E(lambda: dict(paths=[shard], cold=False, block=4096, sync=True)),
+        "storage.restore": E(lambda: dict(model=torch.nn.Linear(3, 2), path=ckpt), skip=path),
+        "storage.checkpoint_stall": E(lambda: dict(method="torch.save", state={"w": torch.ones(4)},
+                                                   folder=tmp),
+                                      skip={"folder": "a folder path: a missing one raises "
+                                                      "FileNotFoundError"}),
+    }
+
+
+def test_every_public_function_passes_the_bad_input_sweep(tmp_path, monkeypatch):
+    """The sweep of tests/test_bad_inputs.py, run over utils.storage (every public function)."""
+    import inspect
+    import test_bad_inputs as bad
+    entries = _sweep_entries(str(tmp_path))
+    public = {f"storage.{n}" for n, o in vars(storage).items()
+              if not n.startswith("_") and inspect.isfunction(o) and o.__module__ == storage.__name__}
+    assert public == set(entries)
+    monkeypatch.setattr(bad, "SWEEP", dict(bad.SWEEP, **entries))
+    problems = {q: bad.sweep_one(q) for q in sorted(entries)}
+    assert not any(problems.values()), {q: p for q, p in problems.items() if p}

@@ -122,6 +122,8 @@ def checkpoint_bytes(model_or_params, *, weight_bytes: float = 2, master_weights
     the optimizer state of chapter 11 (:func:`utils.memory.optimizer_bytes`: AdamW's two fp32
     moments and the fp32 master copy). Gradients are not saved: the next step recomputes them.
     Mixed-precision AdamW: 2 + 12 = 14 bytes a parameter."""
+    weight_bytes = check_positive("weight_bytes", weight_bytes)
+    master_weights = check_bool("master_weights", master_weights)
     return (memory.weights_bytes(model_or_params, weight_bytes)
             + memory.optimizer_bytes(model_or_params, optimizer, master_weights))
 
@@ -135,6 +137,13 @@ def write_seconds(nbytes, bandwidth) -> float:
 
 # ------------------------------------------------------------------------------ shards
 _KEY = re.compile(r"^[^.]+$")
+
+
+def _path(name: str, x) -> str:
+    """``x`` as a ``str`` path, or a TypeError naming the argument."""
+    if isinstance(x, bool) or not isinstance(x, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a file path (str or os.PathLike), got {type(x).__name__} {x!r}")
+    return os.fspath(x)
 
 
 def _check_sample(i: int, sample) -> tuple[str, dict]:
@@ -186,11 +195,13 @@ def write_shards(samples: Iterable[dict], folder, samples_per_shard: int,
     (mtime 0, mode 0o644, uid/gid 0) so the same samples give the same bytes. Every shard is
     written under a temporary name and renamed when complete.
     """
-    folder = os.fspath(folder)
+    folder = _path("folder", folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"folder {folder!r} does not exist")
     samples_per_shard = check_int("samples_per_shard", samples_per_shard, low=1)
-    if not isinstance(prefix, str) or not prefix or "/" in prefix:
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {type(prefix).__name__} {prefix!r}")
+    if not prefix or "/" in prefix:
         raise ValueError(f"prefix must be a non-empty file-name prefix, got {prefix!r}")
     paths: list[str] = []
     seen: set[str] = set()
@@ -235,13 +246,17 @@ def read_shard(path) -> Iterator[dict]:
     lower-cased), as ``webdataset.WebDataset`` yields it. Members that are not regular
     files, names without an extension and ``__...__`` metadata members are skipped.
     Raises ``ValueError`` naming the file when it is not a tar, is cut off (inside a member,
-    or before the end-of-archive marker), or repeats a field within a sample.
+    or before the end-of-archive marker), or repeats a field within a sample (while
+    iterating); a path that is not a path (``TypeError``) or no file (``FileNotFoundError``)
+    at once.
     """
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a file path, got {type(path).__name__}")
-    url = path if isinstance(path, str) else os.fspath(path)
+    url = _path("path", path)
     if not os.path.isfile(url):
         raise FileNotFoundError(f"shard {url!r} does not exist")
+    return _read_shard(url)
+
+
+def _read_shard(url: str) -> Iterator[dict]:
     with open(url, "rb") as f:
         try:
             tar = tarfile.open(fileobj=f, mode="r:")
@@ -286,7 +301,7 @@ def read_shard(path) -> Iterator[dict]:
 def _check_shards(shards) -> list[str]:
     if isinstance(shards, (str, bytes)) or not hasattr(shards, "__iter__"):
         raise TypeError(f"shards must be a list of paths, got {type(shards).__name__}")
-    shards = [os.fspath(s) for s in shards]
+    shards = [_path(f"shards[{i}]", s) for i, s in enumerate(shards)]
     if not shards:
         raise ValueError("shards is empty")
     if len(set(shards)) != len(shards):
@@ -424,7 +439,7 @@ def drop_cache(path, sync: bool = True) -> None:
     pages; nothing else needs privileges. ``sync=False`` skips the ``fsync`` (a few ms a file
     on a journaling file system even when nothing is dirty) for files known to be clean,
     e.g. after one ``os.sync()``."""
-    path = os.fspath(path)
+    path = _path("path", path)
     sync = check_bool("sync", sync)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -442,7 +457,7 @@ def resident_fraction(path) -> float:
     """Fraction of ``path``'s pages that are in the page cache now (``mincore(2)`` on a map
     of the file); 1.0 for an empty file."""
     global _LIBC
-    path = os.fspath(path)
+    path = _path("path", path)
     size = os.path.getsize(path)
     if size == 0:
         return 1.0
@@ -472,7 +487,9 @@ def read_seconds(paths, cold: bool, block: int = 1 << 20, sync: bool = True) -> 
     ``sync`` as in :func:`drop_cache`)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    paths = [os.fspath(p) for p in paths]
+    if not isinstance(paths, (list, tuple)):
+        raise TypeError(f"paths must be a path or a list of paths, got {type(paths).__name__}")
+    paths = [_path(f"paths[{i}]", p) for i, p in enumerate(paths)]
     if not paths:
         raise ValueError("paths is empty")
     cold = check_bool("cold", cold)
@@ -533,7 +550,7 @@ class AsyncCheckpointer:
 
     def save(self, state: dict, path) -> None:
         state = _check_state(state)
-        path = os.fspath(path)
+        path = _path("path", path)
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"folder of path {path!r} does not exist")
@@ -564,6 +581,7 @@ def restore(model: torch.nn.Module, path) -> None:
     a shape that differs -- raises ``ValueError`` naming it, and ``model`` is left unchanged."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    path = _path("path", path)
     state = reliability.load_checkpoint(path)
     own = model.state_dict()
     for name in own:
@@ -598,7 +616,7 @@ def checkpoint_stall(method: str, state: dict, folder) -> tuple[float, float]:
     from .validate import check_choice
     method = check_choice("method", method, CHECKPOINT_METHODS)
     state = _check_state(state)
-    folder = os.fspath(folder)
+    folder = _path("folder", folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"folder {folder!r} does not exist")
     target = tempfile.mkdtemp(prefix="ckpt-", dir=folder)
