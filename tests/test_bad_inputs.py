@@ -49,7 +49,8 @@ MODULES = ("hardware", "models", "roofline", "bench", "memory", "collectives", "
            # the chapter modules of Parts I, II, III and IV (01, 02, 05, 06, 15, 20, 22);
            # economics and scheduler (23, 24) have their own sweep, test_bad_inputs_economics.py
            "tiling", "memtech", "allocator", "topology", "reliability", "quant", "edge",
-           # chapters 04, 07, 08 and 21
+           # chapters 04, 07, 08 and 21 (chapter 10's storage is swept with these rules in
+           # tests/test_storage.py, whose entries need shard files made in a temporary folder)
            "hostmem", "dgx", "netsim", "compilation")
 
 #: Mutations valid for every argument of this name: any integer seeds a generator.

@@ -64,6 +64,7 @@ def test_published_sizes():
     assert round(models.get("llama2-70b").param_count() / 1e9) == 69
     assert round(models.get("gpt3-175b").param_count() / 1e9) == 175
     assert round(models.get("llama3-8b").param_count() / 1e9) == 8
+    assert 405 <= models.get("llama3-405b").param_count() / 1e9 < 406
 
 
 def test_gqa_shapes():

@@ -137,6 +137,11 @@ _MODELS = {
     "llama2-70b": _llama("llama2-70b", 80, 8192, 64, 8, 28672, 32000, 4096, _LLAMA2),
     "llama3-8b": _llama("llama3-8b", 32, 4096, 32, 8, 14336, 128256, 8192, _LLAMA3),
     "llama3-70b": _llama("llama3-70b", 80, 8192, 64, 8, 28672, 128256, 8192, _LLAMA3),
+    "llama3-405b": _llama("llama3-405b", 126, 16384, 128, 8, 53248, 128256, 131072,
+                          "Meta, 'The Llama 3 Herd of Models' (Dubey et al. 2024), Table 3 "
+                          "(126 layers, model dimension 16,384, FFN 53,248, 128 heads, 8 "
+                          "key/value heads; 128K context, Section 3.4.2); vocabulary and "
+                          "context from the released Llama 3.1 405B config.json"),
     "mistral-7b": _llama("mistral-7b", 32, 4096, 32, 8, 14336, 32000, 32768,
                          "Jiang et al. 2023, 'Mistral 7B', Table 1 (sliding window 4096); "
                          "Mistral-7B-v0.1 config.json"),

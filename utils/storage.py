@@ -60,8 +60,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from . import hardware, memory, reliability
-from .models import ModelSpec
+from . import hardware, memory, models, reliability
 from .validate import check_bool, check_int, check_nonnegative, check_positive
 
 __all__ = ["StorageSystem", "STORAGE", "LLAMA3_405B", "nvme_link_ceiling", "checkpoint_bytes",
@@ -99,14 +98,8 @@ STORAGE = {
         peak_bandwidth=7e12, checkpoint_per_gpu=(1e6, 4e9), gpus=16384, source=LLAMA3_SOURCE),
 }
 
-#: Llama 3 405B (Table 3 of the paper: 126 layers, model dimension 16,384, FFN dimension
-#: 53,248, 128 attention heads, 8 key/value heads; vocabulary 128,256 entries in the
-#: released checkpoint's config.json). Kept here because the model registry has no 405B.
-LLAMA3_405B = ModelSpec(
-    name="llama3-405b", n_layers=126, hidden=16384, n_heads=128, n_kv_heads=8,
-    ffn_hidden=53248, ffn_kind="gated", vocab=128256, context=8192, tied_embeddings=False,
-    source=("Meta, 'The Llama 3 Herd of Models' (Dubey et al. 2024), Table 3; vocabulary "
-            "from the released Llama 3.1 405B config.json"))
+#: Llama 3 405B, from the model registry (``models.get("llama3-405b")``; Table 3 of the paper).
+LLAMA3_405B = models.get("llama3-405b")
 
 
 def nvme_link_ceiling(gen: int) -> float:
