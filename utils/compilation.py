@@ -585,7 +585,8 @@ def w8a8(model: tiny.TinyTransformer, amax: Mapping[str, float]) -> tiny.TinyTra
 def op_chain(x: torch.Tensor, n: int = 100) -> torch.Tensor:
     """``n`` small elementwise ops in a row (``x * 0.5 + 0.25``, alternately): each is a
     separate kernel launch eagerly; a compiler fuses the chain into one."""
-    _v.check_tensor("x", x)
+    if not isinstance(x, (torch.Tensor, fx.Proxy)):      # a Proxy while fx traces the chain
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     n = _v.check_int("n", n, low=1)
     for i in range(n):
         x = x * 0.5 if i % 2 == 0 else x + 0.25

@@ -153,7 +153,12 @@ def under_the_roof(results, peak, bandwidth):
         return {name: (a, min(p, i * b)) for name, (i, a) in pairs.items()
                 if a > factor * min(p, i * b)}
 
-    if over(peak, bandwidth, 1.10):
+    # a point above the roof first raises the roof: measured afresh, best of up to four
+    # tries while a point stays more than 2x above it (a roof measured while other
+    # processes held the cores can be a third of the quiet machine's)
+    for attempt in range(4):
+        if not over(peak, bandwidth, 1.10 if attempt == 0 else 2.0):
+            break
         bench.clear_cache()
         peak = max(peak, bench.peak_flops("fp32"))
         bandwidth = max(bandwidth, bench.peak_bandwidth())
