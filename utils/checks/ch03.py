@@ -109,6 +109,15 @@ def measure_roof(fn):
         peak, bw = _pair(fn(), "measure_roof()")
         bench.clear_cache()
         ref_peak, ref_bw = bench.peak_flops("fp32"), bench.peak_bandwidth()
+        # the reference is a measurement too: taken while other processes held the cores it
+        # can be a third of the quiet machine's, so it is measured again (best of up to four)
+        # before a learner's figure above 2x of it is called a miscount
+        for _ in range(3):
+            if peak <= 2.0 * ref_peak and bw <= 2.0 * ref_bw:
+                break
+            bench.clear_cache()
+            ref_peak = max(ref_peak, bench.peak_flops("fp32"))
+            ref_bw = max(ref_bw, bench.peak_bandwidth())
         checks = [(peak, ref_peak, "peak FLOP/s", "time a large square fp32 matmul; FLOPs = 2 n^3"),
                   (bw, ref_bw, "bandwidth", "take the best of a STREAM triad a = b + s*c (12 bytes "
                                             "per fp32 element) and a read-only sum (4 bytes per "
