@@ -561,9 +561,12 @@ def torchrun_restart(entry, worker, n_steps=16, every=5, crash_at=12, timeout=12
             # a process killed by SIGABRT (not the planted SIGKILL) with a finished, correct
             # first attempt is the machine's doing (gloo under heavy load), not the learner's:
             # run once more, and report the retry beside the result
+            evidence = next((line.strip() for line in crashed.log.splitlines()
+                             if re.search(r"SIGABRT|exitcode\s*:\s*-6\b|terminate called", line)), "")
             measurement_warning("the torchrun run", "every process exits normally or by the "
                                 "planted SIGKILL", "a process aborted (SIGABRT); ran once more",
-                                "gloo aborting on a heavily loaded machine")
+                                "gloo aborting on a heavily loaded machine"
+                                + (f" (torchrun: {evidence[:160]})" if evidence else ""))
             crashed = _Run(root, "crashed-again", payload, script, n_steps, every, crash_at)
             runs.append(crashed)
             crashed.wait(deadline)
