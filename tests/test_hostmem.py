@@ -295,6 +295,32 @@ def test_prefetch_loader_stops_early_without_leaking():
     assert multiprocessing.active_children() == []
 
 
+def test_a_pool_whose_terminate_asserts_leaves_no_worker(monkeypatch):
+    """CPython's Pool.terminate can assert ("Cannot have cache with result_hander not
+    alive") when its handler threads are gone: the workers are killed all the same."""
+    import multiprocessing
+    import multiprocessing.pool
+
+    pool = multiprocessing.get_context("fork").Pool(2)
+    workers = list(pool._pool)
+    real = multiprocessing.pool.Pool.terminate
+
+    def asserts(self):
+        # what CI saw: the worker handler has stopped (so the pool is no longer kept
+        # full), then terminate asserts
+        self._worker_handler._state = multiprocessing.pool.TERMINATE
+        self._change_notifier.put(None)
+        self._worker_handler.join(10)
+        raise AssertionError("Cannot have cache with result_hander not alive")
+
+    monkeypatch.setattr(multiprocessing.pool.Pool, "terminate", asserts)
+    hostmem._stop_pool(pool)
+    assert workers and not any(w.is_alive() for w in workers)
+    monkeypatch.setattr(multiprocessing.pool.Pool, "terminate", real)
+    pool.terminate()                  # the handler threads, for a clean test process
+    pool.join()
+
+
 @pytest.mark.parametrize("args, exc", [
     ((5, range(3), 2), TypeError), ((None, range(3), 2), TypeError),
     (("DS", "abc", 2), TypeError), (("DS", range(3), 0), ValueError),

@@ -576,8 +576,26 @@ def _prefetch(dataset, indices, batch_size, num_workers, prefetch_factor, collat
             yield batch
         pool.close()
     finally:
+        _stop_pool(pool)
+
+
+def _stop_pool(pool) -> None:
+    """Terminate ``pool`` and join it, whatever state its handler threads are in.
+
+    CPython's ``Pool.terminate`` asserts when its result-handler thread has already
+    exited while results are outstanding (seen on a loaded machine when the consumer
+    stops early); the workers are then stopped or stopping, and are killed here so that
+    none is left behind.
+    """
+    try:
         pool.terminate()
-        pool.join()
+    except AssertionError:
+        for proc in list(getattr(pool, "_pool", [])):
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
+        return
+    pool.join()
 
 
 def loader_throughput(make_batches: Callable[[], Iterable], epochs: int = 1) -> dict:
