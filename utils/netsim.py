@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 import networkx as nx
 import numpy as np
 
+from . import topology
 from .validate import check_int, check_nonnegative, check_number, check_positive
 
 __all__ = ["simulate_flows", "ecmp_paths", "ecmp_hash", "pair_bandwidths",
@@ -60,21 +61,9 @@ LLAMA3_NETWORK = {
 # --------------------------------------------------------------------------- validation
 
 def _check_links(capacities, paths):
-    if not isinstance(capacities, Mapping) or not capacities:
-        raise TypeError(f"capacities must be a non-empty mapping link -> B/s, got "
-                        f"{type(capacities).__name__}")
-    for e, c in capacities.items():
-        check_positive(f"capacities[{e!r}]", c)
-    if isinstance(paths, (str, bytes)) or not isinstance(paths, Sequence):
-        raise TypeError(f"paths must be a sequence of paths, got {type(paths).__name__}")
-    for i, p in enumerate(paths):
-        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
-            raise TypeError(f"paths[{i}] must be a sequence of links, got {type(p).__name__}")
-        if len(p) == 0:
-            raise ValueError(f"paths[{i}] is empty: a flow crosses at least one link")
-        for e in p:
-            if e not in capacities:
-                raise ValueError(f"paths[{i}] crosses link {e!r}, which has no capacity")
+    if isinstance(capacities, Mapping) and not capacities:
+        raise TypeError("capacities must be a non-empty mapping link -> B/s, got an empty one")
+    topology._check_links(capacities, paths, what="flow")
 
 
 def _check_graph(graph):

@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
@@ -193,6 +194,24 @@ class CheckpointError(ValueError):
     """A checkpoint file that is truncated, corrupted, or not a course checkpoint."""
 
 
+@contextlib.contextmanager
+def _atomic_file(path: str):
+    """Open a temporary file beside ``path``; on success fsync it and rename it to ``path``;
+    on any error remove it. A reader never sees a half-written ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def save_checkpoint(path, state: dict) -> None:
     """Write ``state`` to ``path`` atomically: temporary file in the same folder, fsync,
     rename over ``path``, fsync the folder. The file holds a magic line, the payload's
@@ -203,19 +222,9 @@ def save_checkpoint(path, state: dict) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
     payload = buf.getvalue()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(folder, os.O_RDONLY)
+    with _atomic_file(path) as f:
+        f.write(_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:

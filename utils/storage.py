@@ -42,7 +42,6 @@ Registry: :data:`STORAGE` (Llama 3's training storage, with its source) and
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import io
@@ -159,24 +158,6 @@ def _check_sample(i: int, sample) -> tuple[str, dict]:
     return key, fields
 
 
-@contextlib.contextmanager
-def _atomic_file(path: str):
-    """Open a temporary file beside ``path``; on success fsync it and rename it to ``path``;
-    on any error remove it. A reader never sees a half-written ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_shards(samples: Iterable[dict], folder, samples_per_shard: int,
                  prefix: str = "shard") -> list[str]:
     """Write ``samples`` into tar shards ``folder/{prefix}-000000.tar``, ... and return their paths.
@@ -202,7 +183,7 @@ def write_shards(samples: Iterable[dict], folder, samples_per_shard: int,
 
     def flush():
         path = os.path.join(folder, f"{prefix}-{len(paths):06d}.tar")
-        with _atomic_file(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        with reliability._atomic_file(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, fields in batch:
                 for ext, value in fields.items():
                     info = tarfile.TarInfo(f"{key}.{ext}")
@@ -615,7 +596,7 @@ def checkpoint_stall(method: str, state: dict, folder) -> tuple[float, float]:
     target = tempfile.mkdtemp(prefix="ckpt-", dir=folder)
     if method == "torch.save":
         t0 = time.perf_counter()
-        with _atomic_file(os.path.join(target, "state.pt")) as f:
+        with reliability._atomic_file(os.path.join(target, "state.pt")) as f:
             torch.save(state, f)
         stall = total = time.perf_counter() - t0
     elif method == "AsyncCheckpointer":

@@ -152,15 +152,8 @@ def route(graph, src, dst) -> list[tuple]:
     return list(zip(nodes[:-1], nodes[1:]))
 
 
-def max_min_fair(capacities: Mapping, paths: Sequence[Sequence]) -> list[float]:
-    """Max-min fair rates (B/s) of transfers following ``paths`` over links of ``capacities``.
-
-    ``capacities`` maps a link (any hashable, e.g. an edge ``(u, v)``) to its capacity in
-    B/s; ``paths`` is one sequence of links per transfer. Returns one rate per transfer,
-    in order. Progressive filling: all unfrozen transfers rise together; the link whose
-    remaining capacity per unfrozen crossing transfer is smallest fills first and freezes
-    them.
-    """
+def _check_links(capacities, paths, what: str = "transfer") -> None:
+    """Links with positive capacities, and one non-empty path of known links per ``what``."""
     if not isinstance(capacities, Mapping):
         raise TypeError(f"capacities must be a mapping link -> B/s, got {type(capacities).__name__}")
     for e, c in capacities.items():
@@ -171,10 +164,22 @@ def max_min_fair(capacities: Mapping, paths: Sequence[Sequence]) -> list[float]:
         if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
             raise TypeError(f"paths[{i}] must be a sequence of links, got {type(p).__name__}")
         if len(p) == 0:
-            raise ValueError(f"paths[{i}] is empty: a transfer must cross at least one link")
+            raise ValueError(f"paths[{i}] is empty: a {what} must cross at least one link")
         for e in p:
             if e not in capacities:
                 raise ValueError(f"paths[{i}] crosses link {e!r}, which has no capacity")
+
+
+def max_min_fair(capacities: Mapping, paths: Sequence[Sequence]) -> list[float]:
+    """Max-min fair rates (B/s) of transfers following ``paths`` over links of ``capacities``.
+
+    ``capacities`` maps a link (any hashable, e.g. an edge ``(u, v)``) to its capacity in
+    B/s; ``paths`` is one sequence of links per transfer. Returns one rate per transfer,
+    in order. Progressive filling: all unfrozen transfers rise together; the link whose
+    remaining capacity per unfrozen crossing transfer is smallest fills first and freezes
+    them.
+    """
+    _check_links(capacities, paths)
     rates = [0.0] * len(paths)
     remaining = {e: float(c) for e, c in capacities.items()}
     active = set(range(len(paths)))
